@@ -1,0 +1,249 @@
+//! kvsync's own prefix keys.
+//!
+//! Engines' block hashes are private (algorithm and seed differ by engine,
+//! version and configuration), so kvsync chains its own 64-bit key over the
+//! token ids it sees:
+//!
+//! ```text
+//! key(-1) = namespace(model, lora)
+//! key(i)  = xxh3_64(tokens of block i as u32 LE [, 0xFE, canonical extra keys of block i], seed = key(i-1))
+//! ```
+//!
+//! The seeds are fixed constants, so keys are the same in every process and
+//! across restarts (snapshots rely on it). Queries hash the same way, so a
+//! query's key for block i equals a stored block's key exactly when the
+//! token prefix, namespace and extra keys agree.
+
+use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
+
+use crate::wire::{EngineHash, Value};
+
+const NAMESPACE_SEED: u64 = 0x6b76_7379_6e63_0001; // "kvsync" + version of the key scheme
+const BYTES_HASH_SEED: u64 = 0x6b76_7379_6e63_00b1;
+const GROUP_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The LoRA part of a namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lora<'a> {
+    Base,
+    Name(&'a str),
+    Id(i64),
+}
+
+impl<'a> Lora<'a> {
+    /// What an event's fields say: the adapter name wins over the id.
+    pub fn of_event(lora_name: Option<&'a str>, lora_id: Option<i64>) -> Self {
+        match (lora_name, lora_id) {
+            (Some(n), _) => Lora::Name(n),
+            (None, Some(id)) => Lora::Id(id),
+            (None, None) => Lora::Base,
+        }
+    }
+}
+
+/// The root key of a (model, LoRA) namespace.
+pub fn namespace(model: &str, lora: Lora<'_>) -> u64 {
+    let mut h = Xxh3::with_seed(NAMESPACE_SEED);
+    h.update(&(model.len() as u64).to_le_bytes());
+    h.update(model.as_bytes());
+    match lora {
+        Lora::Base => h.update(&[0]),
+        Lora::Name(n) => {
+            h.update(&[1]);
+            h.update(n.as_bytes());
+        }
+        Lora::Id(id) => {
+            h.update(&[2]);
+            h.update(&id.to_le_bytes());
+        }
+    }
+    h.digest()
+}
+
+fn token_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(tokens))
+    } else {
+        std::borrow::Cow::Owned(tokens.iter().flat_map(|t| t.to_le_bytes()).collect())
+    }
+}
+
+/// Key of one block from its parent's key, its tokens and its extra keys
+/// (already filtered; empty means none).
+pub fn block_key(parent: u64, tokens: &[u32], extras: &[Value<'_>]) -> u64 {
+    if extras.is_empty() {
+        return xxh3_64_with_seed(&token_bytes(tokens), parent);
+    }
+    let mut h = Xxh3::with_seed(parent);
+    h.update(&token_bytes(tokens));
+    h.update(&[0xfe]);
+    h.update(&(extras.len() as u64).to_le_bytes());
+    for v in extras {
+        feed(&mut h, v);
+    }
+    h.digest()
+}
+
+/// Keys of consecutive full blocks, chained from `root`.
+pub fn chain_keys(root: u64, tokens: &[u32], block_size: usize, out: &mut Vec<u64>) {
+    let mut prev = root;
+    if block_size == 0 {
+        return;
+    }
+    for chunk in tokens.chunks_exact(block_size) {
+        prev = xxh3_64_with_seed(&token_bytes(chunk), prev);
+        out.push(prev);
+    }
+}
+
+/// Canonical, unambiguous serialization of a value into the hasher: the same
+/// logical value gives the same bytes whatever msgpack encoding carried it
+/// (fixint vs int64, map16 vs fixmap), and Python's str/int/bytes/tuple/list
+/// map onto the same forms.
+pub fn feed(h: &mut Xxh3, v: &Value<'_>) {
+    match v {
+        Value::Nil => h.update(&[0]),
+        Value::Bool(b) => h.update(&[1, u8::from(*b)]),
+        Value::Int(i) => {
+            h.update(&[2]);
+            h.update(&i.to_le_bytes());
+        }
+        Value::Float(f) => {
+            h.update(&[3]);
+            h.update(&f.to_bits().to_le_bytes());
+        }
+        Value::Str(s) => {
+            h.update(&[4]);
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        Value::Bin(b) => {
+            h.update(&[5]);
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        Value::Array(items) => {
+            h.update(&[6]);
+            h.update(&(items.len() as u64).to_le_bytes());
+            for it in items {
+                feed(h, it);
+            }
+        }
+        Value::Map(pairs) => {
+            h.update(&[7]);
+            h.update(&(pairs.len() as u64).to_le_bytes());
+            for (k, it) in pairs {
+                feed(h, k);
+                feed(h, it);
+            }
+        }
+        Value::Ext(t, b) => {
+            h.update(&[8, *t as u8]);
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+    }
+}
+
+/// The per-worker lookup key of an engine hash in KV-cache group `group`.
+///
+/// Integers keep their 64-bit pattern (an engine's hashes are either all
+/// signed or all unsigned, so -1 and 2^64-1 never both occur in one stream);
+/// `bin` digests are reduced with xxh3. Group `g` is mixed in with an odd
+/// multiplier, a bijection per group, so groups 0 and g never share a key
+/// except by a 2^-64 accident.
+pub fn engine_key(h: EngineHash<'_>, group: u32) -> u64 {
+    let base = match h {
+        EngineHash::Unsigned(v) => v,
+        EngineHash::Negative(v) => v as u64,
+        EngineHash::Bytes(b) => xxh3_64_with_seed(b, BYTES_HASH_SEED),
+    };
+    if group == 0 {
+        base
+    } else {
+        base ^ u64::from(group).wrapping_mul(GROUP_MIX).rotate_left(17) ^ GROUP_MIX
+    }
+}
+
+/// Storage tiers of a holding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Gpu = 0,
+    Cpu = 1,
+    Storage = 2,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Storage];
+
+    /// SPEC: GPU (also nil), CPU (CPU, `CPU_PINNED`), STORAGE (everything else).
+    pub fn of_medium(medium: Option<&str>) -> Tier {
+        match medium {
+            None => Tier::Gpu,
+            Some(m) if m.eq_ignore_ascii_case("gpu") => Tier::Gpu,
+            Some(m) if m.eq_ignore_ascii_case("cpu") || m.eq_ignore_ascii_case("cpu_pinned") => Tier::Cpu,
+            Some(_) => Tier::Storage,
+        }
+    }
+
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Gpu => "gpu",
+            Tier::Cpu => "cpu",
+            Tier::Storage => "storage",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_across_processes() {
+        // Pinned values: changing the scheme invalidates every snapshot.
+        let ns = namespace("llama", Lora::Base);
+        assert_eq!(ns, namespace("llama", Lora::Base));
+        assert_ne!(ns, namespace("llama", Lora::Name("a")));
+        assert_ne!(namespace("llama", Lora::Id(1)), namespace("llama", Lora::Name("1")));
+        let k = block_key(ns, &[1, 2, 3, 4], &[]);
+        let mut chain = Vec::new();
+        chain_keys(ns, &[1, 2, 3, 4, 5, 6, 7, 8, 9], 4, &mut chain);
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0], k);
+        assert_eq!(chain[1], block_key(k, &[5, 6, 7, 8], &[]));
+    }
+
+    #[test]
+    fn extra_keys_change_the_key() {
+        let ns = namespace("m", Lora::Base);
+        let plain = block_key(ns, &[1, 2], &[]);
+        let salted = block_key(ns, &[1, 2], &[Value::Str("salt")]);
+        assert_ne!(plain, salted);
+        // int width on the wire does not matter: both are Value::Int(5)
+        assert_eq!(block_key(ns, &[1], &[Value::Int(5)]), block_key(ns, &[1], &[Value::Int(5)]));
+        assert_ne!(block_key(ns, &[1], &[Value::Str("5")]), block_key(ns, &[1], &[Value::Int(5)]));
+    }
+
+    #[test]
+    fn engine_keys_separate_groups() {
+        let h = EngineHash::Unsigned(42);
+        assert_eq!(engine_key(h, 0), 42);
+        assert_ne!(engine_key(h, 1), engine_key(h, 2));
+        assert_ne!(engine_key(h, 1), 42);
+        assert_eq!(engine_key(EngineHash::Negative(-1), 0), u64::MAX);
+    }
+
+    #[test]
+    fn media_map_to_tiers() {
+        assert_eq!(Tier::of_medium(None), Tier::Gpu);
+        assert_eq!(Tier::of_medium(Some("CPU_PINNED")), Tier::Cpu);
+        assert_eq!(Tier::of_medium(Some("DISK")), Tier::Storage);
+        assert_eq!(Tier::of_medium(Some("OBJ")), Tier::Storage);
+        assert_eq!(Tier::of_medium(Some("something-new")), Tier::Storage);
+    }
+}
