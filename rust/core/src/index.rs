@@ -627,7 +627,7 @@ impl Index {
                 Event::Removed(r) => {
                     let tier = Tier::of_medium(r.medium).bit();
                     for h in &batch.hashes[r.hashes.clone()] {
-                        let ek = engine_key(*h, r.group_idx);
+                        let ek = engine_key(*h, r.group_idx.unwrap_or(0));
                         match self.emap_get(wslot, ek) {
                             Some(slot) => {
                                 let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
@@ -681,7 +681,7 @@ impl Index {
         if tokens.is_empty() {
             // Offload-style store: the blocks are named by hash only.
             for h in hashes {
-                match self.emap_get(wslot, engine_key(*h, s.group_idx)) {
+                match self.emap_get(wslot, engine_key(*h, s.group_idx.unwrap_or(0))) {
                     Some(slot) => {
                         let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
                         self.set_tiers(slot, wslot, cur | tier, true);
@@ -714,7 +714,7 @@ impl Index {
         }
         let bs = bs as usize;
         let mut prev = match s.parent {
-            Some(p) => match self.emap_get(wslot, engine_key(p, s.group_idx)) {
+            Some(p) => match self.emap_get(wslot, engine_key(p, s.group_idx.unwrap_or(0))) {
                 Some(slot) => self.blocks[slot as usize].key,
                 None => {
                     st.orphaned += n as u64;
@@ -744,7 +744,7 @@ impl Index {
             let key = block_key(prev, toks, &extras);
             prev = key;
             let slot = self.intern_block(key);
-            let ek = engine_key(*h, s.group_idx);
+            let ek = engine_key(*h, s.group_idx.unwrap_or(0));
             if let Some(old) = self.emap_set(wslot, ek, slot) {
                 if old != slot {
                     // The engine re-used the hash for other content: forget

@@ -73,7 +73,8 @@ pub struct Stored<'a> {
     pub medium: Option<&'a str>,
     /// One entry per block (nil → `None`), or `None` for the whole field.
     pub extra_keys: Option<Vec<Option<Vec<Value<'a>>>>>,
-    pub group_idx: u32,
+    /// `None` when absent or nil (group 0).
+    pub group_idx: Option<u32>,
     pub kv_cache_spec_kind: Option<&'a str>,
     /// SGLang's cache salt: a field from 0.5.20, inside the trailing
     /// `metadata` map in 0.5.18's array form.
@@ -87,7 +88,8 @@ pub struct Stored<'a> {
 pub struct Removed<'a> {
     pub hashes: Range<usize>,
     pub medium: Option<&'a str>,
-    pub group_idx: u32,
+    /// `None` when absent or nil (group 0).
+    pub group_idx: Option<u32>,
     pub other: Vec<(&'static str, Value<'a>)>,
 }
 
@@ -519,8 +521,8 @@ impl<'a> Decoder<'a> {
             }
             (Kind::Stored | Kind::Removed, "group_idx") => {
                 ev.group_idx = match self.opt_int(at)? {
-                    None => 0,
-                    Some(v) => u32::try_from(v).map_err(|_| self.err(at, &format!("group_idx {v} out of range")))?,
+                    None => None,
+                    Some(v) => Some(u32::try_from(v).map_err(|_| self.err(at, &format!("group_idx {v} out of range")))?),
                 }
             }
             (Kind::Stored, "extra_keys") => {
@@ -776,7 +778,7 @@ struct EventBuilder<'a> {
     lora_name: Option<&'a str>,
     medium: Option<&'a str>,
     extra_keys: Option<Vec<Option<Vec<Value<'a>>>>>,
-    group_idx: u32,
+    group_idx: Option<u32>,
     spec_kind: Option<&'a str>,
     cache_salt: Option<&'a str>,
     other: Vec<(&'static str, Value<'a>)>,
@@ -794,7 +796,7 @@ impl EventBuilder<'_> {
             lora_name: None,
             medium: None,
             extra_keys: None,
-            group_idx: 0,
+            group_idx: None,
             spec_kind: None,
             cache_salt: None,
             other: Vec::new(),

@@ -1,0 +1,27 @@
+"""kvsync: exact KV-cache event synchronization for vLLM and SGLang fleets.
+
+The index and the wire decoder are in Rust (``kvsync._core``); this package
+re-exports them and adds the command line (``kvsync``).
+"""
+
+from kvsync._core import (
+    ApplyStats,
+    Batch,
+    DecodeError,
+    Event,
+    Index,
+    SnapshotError,
+    __version__,
+    decode,
+)
+
+__all__ = [
+    "ApplyStats",
+    "Batch",
+    "DecodeError",
+    "Event",
+    "Index",
+    "SnapshotError",
+    "__version__",
+    "decode",
+]

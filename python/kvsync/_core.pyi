@@ -1,0 +1,112 @@
+"""Type stubs for the Rust extension ``kvsync._core``."""
+
+from collections.abc import Iterable, Sequence
+from os import PathLike
+from typing import Any, final
+
+from typing_extensions import Buffer
+
+__version__: str
+
+TokenIds = Sequence[int] | Buffer
+ExtraKeys = Sequence[Sequence[Any] | None]
+Lora = str | int | None
+
+class DecodeError(ValueError):
+    """A payload that is not a well-formed KVEventBatch."""
+
+class SnapshotError(ValueError):
+    """An index snapshot that cannot be read."""
+
+@final
+class ApplyStats:
+    """What one ``Index.apply`` did, counted in block events."""
+
+    stored: int
+    removed: int
+    cleared: int
+    skipped: int
+    orphaned: int
+    ignored: int
+    unknown_removals: int
+    unknown_events: int
+    def to_dict(self) -> dict[str, int]: ...
+
+@final
+class Index:
+    """The exact prefix index: which worker holds which prompt prefix."""
+
+    def __init__(self, capacity_blocks: int | None = None) -> None: ...
+    def add_worker(self, worker_id: str, model: str) -> None: ...
+    def remove_worker(self, worker_id: str) -> bool: ...
+    def purge_worker(self, worker_id: str) -> None: ...
+    def apply(self, worker_id: str, payload: bytes, seq: int | None = None) -> ApplyStats: ...
+    def apply_many(
+        self, worker_id: str, payloads: Sequence[bytes], first_seq: int | None = None
+    ) -> ApplyStats: ...
+    def match(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+        tiers: str | Iterable[str] | None = None,
+    ) -> dict[str, int]: ...
+    def match_detail(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+    ) -> dict[str, dict[str, int]]: ...
+    def prefix_keys(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+    ) -> list[int]: ...
+    def stats(self) -> dict[str, int | None]: ...
+    def worker_stats(self, worker_id: str) -> dict[str, Any]: ...
+    def workers(self) -> dict[str, str]: ...
+    def block_size(self, model: str) -> int | None: ...
+    def last_seq(self, worker_id: str) -> int | None: ...
+    def check(self) -> None: ...
+    def save(self, path: str | PathLike[str]) -> None: ...
+    @staticmethod
+    def load(path: str | PathLike[str]) -> Index: ...
+
+@final
+class Event:
+    """One decoded event; fields a release does not send are None."""
+
+    type: str
+    block_hashes: list[int | bytes] | None
+    parent_block_hash: int | bytes | None
+    token_ids: list[int] | None
+    block_size: int | None
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[list[Any] | None] | None
+    group_idx: int | None
+    kv_cache_spec_kind: str | None
+    kv_cache_spec_sliding_window: Any
+    locality: Any
+    ownership: Any
+    session_id: Any
+    lookahead_token_ids: Any
+    cache_salt: Any
+    metadata: Any
+    def to_dict(self) -> dict[str, Any]: ...
+
+@final
+class Batch:
+    """One decoded KVEventBatch."""
+
+    ts: float
+    dp_rank: int | None
+    events: list[Event]
+    unknown_events: int
+
+def decode(payload: bytes) -> Batch: ...
