@@ -482,28 +482,34 @@ def memory_payloads(
     """Payloads giving each worker ``chains * 512 + tail`` holdings.
 
     ``shared``: every worker stores the same ``chains`` 512-block chains,
-    then a private ``tail`` continuing one of them (parent = its own engine
-    hash of that chain's last block). ``worst``: the same shapes, but every
-    chain's first block is unique to the worker, so no two workers share a
-    block.
+    then a private ``tail`` continuing the last of them (parent = its own
+    engine hash of that chain's last block). ``worst``: the same shapes, but
+    every chain's first block is unique to the worker, so no two workers
+    share a block. The token templates are built before this returns; the
+    payloads are made one at a time as the iterator is consumed.
     """
+    if case not in ("shared", "worst"):
+        raise ValueError(f"unknown memory case {case!r}")
     ids = worker_ids(workers)
     hs = [HashSource(wk) for wk in range(workers)]
     rng = np.random.default_rng(seed)
     common = [pack_token_body(chain_tokens(c, seed)) for c in range(chains)]
-    if case == "shared":
-        for c, body in enumerate(common):
-            for wk in range(workers):
-                yield ids[wk], stored_payload(hs[wk].take(512), None, body)
-    elif case == "worst":
-        for wk in range(workers):
+
+    def gen() -> Iterator[tuple[str, bytes]]:
+        if case == "shared":
             for body in common:
-                first = pack_token_body(rng.integers(0, VOCAB, BLOCK_SIZE, dtype=np.uint32))
-                yield ids[wk], stored_payload(hs[wk].take(512), None, first + body[BLOCK_BYTES:])
-    else:
-        raise ValueError(f"unknown memory case {case!r}")
-    for wk in range(workers):
-        # the last chain's last hash: take() is a counter, so it is computable
-        last = int(hs[wk].next - np.uint64(1)) * _GOLDEN + 0x5EED
-        body = pack_token_body(rng.integers(0, VOCAB, tail * BLOCK_SIZE, dtype=np.uint32))
-        yield ids[wk], stored_payload(hs[wk].take(tail), last & _MASK64, body)
+                for wk in range(workers):
+                    yield ids[wk], stored_payload(hs[wk].take(512), None, body)
+        else:
+            for wk in range(workers):
+                for body in common:
+                    first = rng.integers(0, VOCAB, BLOCK_SIZE, dtype=np.uint32)
+                    unique = pack_token_body(first) + body[BLOCK_BYTES:]
+                    yield ids[wk], stored_payload(hs[wk].take(512), None, unique)
+        for wk in range(workers):
+            # take() counts up, so the last chain's last hash is computable
+            last = (int(hs[wk].next) - 1) * _GOLDEN + 0x5EED
+            toks = rng.integers(0, VOCAB, tail * BLOCK_SIZE, dtype=np.uint32)
+            yield ids[wk], stored_payload(hs[wk].take(tail), last & _MASK64, pack_token_body(toks))
+
+    return gen()
