@@ -11,10 +11,9 @@ import threading
 import time
 from array import array
 
+import kvsync
 import msgpack
 import pytest
-
-import kvsync
 
 BS = 16
 BLOCKS = 32

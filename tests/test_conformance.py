@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import kvsync
+import pytest
 
 from .conftest import MISSING_SHARED, WIRE, load_manifest
 

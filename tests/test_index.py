@@ -6,11 +6,10 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+import kvsync
 import msgpack
 import numpy as np
 import pytest
-
-import kvsync
 
 BS = 4
 
@@ -59,7 +58,7 @@ def test_contract_round_trip(index: kvsync.Index) -> None:
     assert stats.stored == 1
     index.apply("pod-b", batch(stored([77], None, PROMPT[:4])))
     # every worker of the model, leading full blocks; the partial tail never counts
-    assert index.match("llama", PROMPT + [1, 2]) == {"pod-a": 3, "pod-b": 1}
+    assert index.match("llama", [*PROMPT, 1, 2]) == {"pod-a": 3, "pod-b": 1}
     assert index.match("qwen", PROMPT) == {"pod-c": 0}
     assert index.match("mistral", PROMPT) == {}
     s = index.stats()
@@ -99,7 +98,7 @@ def test_malformed_payload_raises_decode_error_and_changes_nothing(index: kvsync
     index.apply("pod-a", batch(stored([1], None, PROMPT[:4])))
     before = index.stats()
     good = batch(stored([2], 1, PROMPT[4:8]))
-    with pytest.raises(kvsync.DecodeError, match="truncated|end of"):
+    with pytest.raises(kvsync.DecodeError, match=r"truncated|end of"):
         index.apply("pod-a", good[:-3])
     with pytest.raises(kvsync.DecodeError, match="token_ids"):
         index.apply("pod-a", batch({**stored([2], 1, []), "token_ids": "oops"}))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import kvsync
 import msgpack
 import pytest
 from hypothesis import event as label
 from hypothesis import given, note, target
 from hypothesis import strategies as st
-
-import kvsync
 
 from .model import TIERS, ModelIndex
 
@@ -67,9 +66,7 @@ def stored(draw: st.DrawFn) -> dict[str, Any]:
     }
     if draw(st.integers(0, 3)) == 0:
         ev["extra_keys"] = draw(
-            st.lists(
-                st.one_of(st.none(), st.lists(EXTRA, max_size=2)), min_size=n, max_size=n
-            )
+            st.lists(st.one_of(st.none(), st.lists(EXTRA, max_size=2)), min_size=n, max_size=n)
         )
     if draw(st.integers(0, 5)) == 0:
         ev["cache_salt"] = draw(st.sampled_from(["salt-1", "salt-2"]))
@@ -89,10 +86,16 @@ removed = st.builds(
 )
 cleared = st.just({"type": "AllBlocksCleared"})
 event = st.one_of(stored(), stored(), stored(), removed, removed, cleared)
+apply_op = st.tuples(
+    st.just("apply"),
+    st.sampled_from(sorted(WORKERS)),
+    st.lists(event, min_size=1, max_size=3),
+    st.booleans(),  # array-form events
+)
 op = st.one_of(
-    st.tuples(st.just("apply"), st.sampled_from(sorted(WORKERS)), st.lists(event, min_size=1, max_size=3), st.booleans()),
-    st.tuples(st.just("apply"), st.sampled_from(sorted(WORKERS)), st.lists(event, min_size=1, max_size=3), st.booleans()),
-    st.tuples(st.just("apply"), st.sampled_from(sorted(WORKERS)), st.lists(event, min_size=1, max_size=3), st.booleans()),
+    apply_op,
+    apply_op,
+    apply_op,
     st.tuples(st.just("remove"), st.sampled_from(sorted(WORKERS))),
     st.tuples(st.just("add"), st.sampled_from(sorted(WORKERS))),
 )
@@ -110,7 +113,7 @@ def encode_event(ev: dict[str, Any], array_form: bool) -> Any:
         plain = ev["lora_name"] is None and ev["extra_keys"] is None
         if not (plain and not ev["group_idx"] and ev["kv_cache_spec_kind"] is None):
             return ev
-        out = out[:7] + [{"cache_salt": ev["cache_salt"]}]
+        out = [*out[:7], {"cache_salt": ev["cache_salt"]}]
     return out
 
 
@@ -131,7 +134,7 @@ def check_same(index: kvsync.Index, model: ModelIndex) -> int:
     queries.append(("m", [0, 1, 2, 0], None, None))
     queries.append(("n", [2, 2], "lora-a", None))
     queries.append(("unknown-model", [0, 0], None, None))
-    queries += [(m, t + [0, 1], lo, ex) for (m, t, lo, ex) in queries[:5]]
+    queries += [(m, [*t, 0, 1], lo, ex) for (m, t, lo, ex) in queries[:5]]
     deepest = 0
     for model_name, tokens, lora, extras in queries:
         want = model.match(model_name, tokens, lora, extras)

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable, Sequence
 from os import PathLike
-from typing import Any, final
+from typing import Any, TypedDict, final
 
 from typing_extensions import Buffer
 
@@ -11,6 +11,17 @@ __version__: str
 TokenIds = Sequence[int] | Buffer
 ExtraKeys = Sequence[Sequence[Any] | None]
 Lora = str | int | None
+
+class IndexStats(TypedDict):
+    workers: int
+    models: int
+    blocks: int
+    holdings: int
+    dormant: int
+    engine_hashes: int
+    evictions: int
+    capacity_blocks: int | None
+    memory_bytes: int
 
 class DecodeError(ValueError):
     """A payload that is not a well-formed KVEventBatch."""
@@ -66,7 +77,7 @@ class Index:
         lora: Lora = None,
         extra_keys: ExtraKeys | None = None,
     ) -> list[int]: ...
-    def stats(self) -> dict[str, int | None]: ...
+    def stats(self) -> IndexStats: ...
     def worker_stats(self, worker_id: str) -> dict[str, Any]: ...
     def workers(self) -> dict[str, str]: ...
     def block_size(self, model: str) -> int | None: ...

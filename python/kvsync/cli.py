@@ -106,7 +106,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  workers      {s['workers']}")
     print(f"  blocks       {s['blocks']}")
     print(f"  holdings     {s['holdings']}")
-    print(f"  memory       {_human(int(s['memory_bytes'] or 0))}")
+    print(f"  memory       {_human(s['memory_bytes'])}")
     for worker, model in sorted(index.workers().items()):
         ws = index.worker_stats(worker)
         print(
@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         "print their events, apply them in order to an index and print its summary.",
     )
     p.add_argument("files", nargs="*", type=Path, help="payload files, applied in the order given")
-    p.add_argument("--samples", action="store_true", help="inspect the sample payloads shipped with kvsync")
+    p.add_argument(
+        "--samples", action="store_true", help="inspect the sample payloads shipped with kvsync"
+    )
     p.add_argument("--model", default="model", help="model name the worker is registered with")
     p.add_argument("--worker", default="worker", help="worker id the payloads are applied to")
     p.add_argument("--per-file", action="store_true", help="apply each file as its own worker")

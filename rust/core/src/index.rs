@@ -909,7 +909,7 @@ impl Index {
             return Err(format!("engine hash count {} != {engine_hashes}", self.engine_hashes));
         }
         let (mut held_blocks, mut dormant, mut holdings) = (0, 0, 0);
-        for slot in self.by_key.iter() {
+        for slot in &self.by_key {
             let b = &self.blocks[*slot as usize];
             if b.refs != refs[*slot as usize] {
                 return Err(format!("block {slot} refs {} != {}", b.refs, refs[*slot as usize]));

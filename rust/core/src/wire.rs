@@ -837,7 +837,7 @@ mod tests {
             rmp::encode::write_nil(w).unwrap();
         });
         let b = decode(&p, Mode::Index).unwrap();
-        assert_eq!(b.ts, 1.5);
+        assert_eq!(b.ts.to_bits(), 1.5f64.to_bits());
         assert_eq!(b.dp_rank, None);
         assert_eq!(b.hashes, vec![EngineHash::Unsigned(u64::MAX)]);
         assert_eq!(b.tokens, vec![7, 70000]);

@@ -5,6 +5,9 @@
 //! The index sits behind a reader-writer lock, so matches from many threads
 //! run in parallel while `apply` takes the lock briefly per payload.
 
+// PyO3 extracts arguments by value (PyBackedBytes, PathBuf, Vec).
+#![allow(clippy::needless_pass_by_value)]
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
@@ -80,6 +83,7 @@ impl ApplyStats {
         })
     }
 
+    #[allow(clippy::wrong_self_convention)] // Python's naming, not Rust's
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("stored", self.stored)?;

@@ -1,0 +1,47 @@
+# kvsync developer targets. CI (.ci/run) uses the same ones.
+.DEFAULT_GOAL := help
+PYTHON ?= python
+FUZZ_CASES ?= 2000000
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: ## build the extension (release) and install kvsync
+	$(PYTHON) -m pip install .
+
+.PHONY: test
+test: ## install with test extras and run the Python test layers (the README command)
+	$(PYTHON) -m pip install '.[test]' && $(PYTHON) -m pytest
+
+.PHONY: test-rust
+test-rust: ## Rust unit tests, proptests and the bounded fuzz run
+	cargo test -p kvsync-core
+
+.PHONY: lint
+lint: lint-rust lint-python ## all linters
+
+.PHONY: lint-rust
+lint-rust: ## rustfmt check and clippy with -D warnings
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+
+.PHONY: lint-python
+lint-python: ## ruff and mypy over the package
+	ruff check python tests bench tools
+	ruff format --check python tests bench tools
+	mypy
+
+.PHONY: bench
+bench: ## pytest-benchmark suite (needs `make install` first) and criterion
+	$(PYTHON) -m pytest bench -m benchmark --benchmark-enable
+	cargo bench -p kvsync-core --bench index -- --warm-up-time 1 --measurement-time 3
+
+.PHONY: fuzz
+fuzz: ## long proptest fuzz run of the decoder and index (FUZZ_CASES=...)
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release -p kvsync-core --test fuzz
+
+.PHONY: ci
+ci: ## what CI runs
+	bash .ci/run

@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark, marker ``benchmark``); see README.md."""
