@@ -22,7 +22,11 @@ pub const MAX_SLOT: u32 = (1 << (31 - TIER_BITS)) - 1;
 enum Set {
     Sparse(Vec<u32>),
     /// `words` bitmap words per tier, laid out `[gpu | cpu | storage]`.
-    Dense { words: usize, bits: Vec<u64>, count: u32 },
+    Dense {
+        words: usize,
+        bits: Vec<u64>,
+        count: u32,
+    },
 }
 
 #[derive(Debug, Default)]

@@ -357,11 +357,7 @@ impl Index {
 
     /// Registered worker ids with their models, in registration-slot order.
     pub fn workers(&self) -> Vec<(&str, &str)> {
-        self.workers
-            .iter()
-            .flatten()
-            .map(|w| (w.id.as_str(), self.models[w.model as usize].name.as_str()))
-            .collect()
+        self.workers.iter().flatten().map(|w| (w.id.as_str(), self.models[w.model as usize].name.as_str())).collect()
     }
 
     /// The block size learned for `model` from its events.

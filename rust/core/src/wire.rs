@@ -200,7 +200,11 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn eof(&self, what: &str) -> DecodeError {
-        DecodeError(format!("truncated payload: {what} at byte {} runs past the end ({} bytes)", self.pos, self.buf.len()))
+        DecodeError(format!(
+            "truncated payload: {what} at byte {} runs past the end ({} bytes)",
+            self.pos,
+            self.buf.len()
+        ))
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
@@ -347,8 +351,12 @@ impl<'a> Decoder<'a> {
             self.batch.dp_rank = match m {
                 Marker::Null => None,
                 _ => match self.cur.int_of(m)? {
-                    Some(v) => Some(i64::try_from(v).map_err(|_| DecodeError(format!("batch dp_rank {v} out of range")))?),
-                    None => return Err(DecodeError(format!("batch dp_rank: expected int or nil, got {}", marker_name(m)))),
+                    Some(v) => {
+                        Some(i64::try_from(v).map_err(|_| DecodeError(format!("batch dp_rank {v} out of range")))?)
+                    }
+                    None => {
+                        return Err(DecodeError(format!("batch dp_rank: expected int or nil, got {}", marker_name(m))))
+                    }
                 },
             };
         }
@@ -522,7 +530,9 @@ impl<'a> Decoder<'a> {
             (Kind::Stored | Kind::Removed, "group_idx") => {
                 ev.group_idx = match self.opt_int(at)? {
                     None => None,
-                    Some(v) => Some(u32::try_from(v).map_err(|_| self.err(at, &format!("group_idx {v} out of range")))?),
+                    Some(v) => {
+                        Some(u32::try_from(v).map_err(|_| self.err(at, &format!("group_idx {v} out of range")))?)
+                    }
                 }
             }
             (Kind::Stored, "extra_keys") => {
@@ -585,15 +595,16 @@ impl<'a> Decoder<'a> {
         self.batch.block_events += hashes.len();
         let event = match ev.kind {
             Kind::Cleared => Event::Cleared,
-            Kind::Removed => Event::Removed(Removed { hashes, medium: ev.medium, group_idx: ev.group_idx, other: ev.other }),
+            Kind::Removed => {
+                Event::Removed(Removed { hashes, medium: ev.medium, group_idx: ev.group_idx, other: ev.other })
+            }
             Kind::Stored => {
                 let tokens = ev.tokens.unwrap_or(0..0);
                 if let Some(keys) = &ev.extra_keys {
                     if keys.len() != hashes.len() && !keys.is_empty() {
-                        return Err(self.err(
-                            at,
-                            &format!("extra_keys has {} entries for {} blocks", keys.len(), hashes.len()),
-                        ));
+                        return Err(
+                            self.err(at, &format!("extra_keys has {} entries for {} blocks", keys.len(), hashes.len()))
+                        );
                     }
                 }
                 Event::Stored(Stored {
@@ -741,7 +752,13 @@ impl<'a> Decoder<'a> {
             Marker::F64 => {
                 self.cur.take(8, "float")?;
             }
-            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 | Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+            Marker::FixStr(_)
+            | Marker::Str8
+            | Marker::Str16
+            | Marker::Str32
+            | Marker::Bin8
+            | Marker::Bin16
+            | Marker::Bin32 => {
                 let n = self.cur.len_of(m)?.unwrap_or(0);
                 self.cur.take(n, "str/bin")?;
             }

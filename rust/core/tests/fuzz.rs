@@ -32,7 +32,14 @@ fn ev() -> impl Strategy<Value = Ev> {
             any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(hashes, parent, tokens, bs, extra, map)| Ev::Stored { hashes, parent, tokens, bs, extra, map }),
+            .prop_map(|(hashes, parent, tokens, bs, extra, map)| Ev::Stored {
+                hashes,
+                parent,
+                tokens,
+                bs,
+                extra,
+                map
+            }),
         (proptest::collection::vec(0u64..8, 0..4), any::<bool>()).prop_map(|(hashes, map)| Ev::Removed { hashes, map }),
         Just(Ev::Cleared),
         Just(Ev::Unknown),

@@ -78,8 +78,25 @@ impl ApplyStats {
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
         other.cast::<ApplyStats>().is_ok_and(|o| {
             let o = o.get();
-            (self.stored, self.removed, self.cleared, self.skipped, self.orphaned, self.ignored, self.unknown_removals, self.unknown_events)
-                == (o.stored, o.removed, o.cleared, o.skipped, o.orphaned, o.ignored, o.unknown_removals, o.unknown_events)
+            (
+                self.stored,
+                self.removed,
+                self.cleared,
+                self.skipped,
+                self.orphaned,
+                self.ignored,
+                self.unknown_removals,
+                self.unknown_events,
+            ) == (
+                o.stored,
+                o.removed,
+                o.cleared,
+                o.skipped,
+                o.orphaned,
+                o.ignored,
+                o.unknown_removals,
+                o.unknown_events,
+            )
         })
     }
 
@@ -253,11 +270,8 @@ impl LoraArg {
 
 fn tiers_of(obj: Option<&Bound<'_, PyAny>>) -> PyResult<u8> {
     let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(7) };
-    let names: Vec<String> = if let Ok(s) = obj.cast::<PyString>() {
-        vec![s.to_str()?.to_owned()]
-    } else {
-        obj.extract()?
-    };
+    let names: Vec<String> =
+        if let Ok(s) = obj.cast::<PyString>() { vec![s.to_str()?.to_owned()] } else { obj.extract()? };
     let mut mask = 0;
     for n in names {
         mask |= match n.to_ascii_lowercase().as_str() {
