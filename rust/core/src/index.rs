@@ -61,12 +61,10 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x01";
 #[derive(Clone, Copy, Debug)]
 struct Block {
     key: u64,
-    /// LRU neighbours (towards most recent / least recent); free-list link
-    /// in `next` for free slots.
-    prev: u32,
-    next: u32,
-    /// Engine-hash entries (over all workers) that point here.
+    /// Engine-hash entries (over all workers) that point here; `NIL` marks
+    /// a free slot.
     refs: u32,
+    /// Holder-set handle; the free-list link in free slots.
     holders: u32,
 }
 
@@ -84,11 +82,13 @@ pub struct WorkerCounters {
     pub purges: u64,
 }
 
+type EMap = HashTable<[u32; 3]>;
+
 struct Worker {
     id: String,
     model: u32,
     /// engine key (two u32 halves) → block slot
-    emap: HashTable<[u32; 3]>,
+    emap: EMap,
     held: u64,
     last_seq: Option<u64>,
     counters: WorkerCounters,
@@ -191,6 +191,9 @@ pub struct Index {
     capacity: Option<usize>,
     blocks: Vec<Block>,
     free_block: u32,
+    /// LRU links `[towards more recent, towards less recent]` per slot;
+    /// kept only under a capacity bound.
+    links: Vec<[u32; 2]>,
     by_key: HashTable<u32>,
     lru_head: u32,
     lru_tail: u32,
@@ -199,6 +202,7 @@ pub struct Index {
     holdings: usize,
     engine_hashes: usize,
     evictions: u64,
+    epoch: u64,
     pool: Pool,
     workers: Vec<Option<Worker>>,
     free_workers: Vec<u32>,
@@ -260,6 +264,7 @@ impl Index {
             capacity: capacity_blocks,
             blocks: Vec::new(),
             free_block: NIL,
+            links: Vec::new(),
             by_key: HashTable::new(),
             lru_head: NIL,
             lru_tail: NIL,
@@ -268,6 +273,7 @@ impl Index {
             holdings: 0,
             engine_hashes: 0,
             evictions: 0,
+            epoch: 0,
             pool: Pool::default(),
             workers: Vec::new(),
             free_workers: Vec::new(),
@@ -325,6 +331,7 @@ impl Index {
         bit_set(&mut model.members, slot, true);
         model.workers += 1;
         self.by_id.insert(id.to_owned(), slot);
+        self.epoch += 1;
         Ok(())
     }
 
@@ -337,6 +344,7 @@ impl Index {
         bit_set(&mut model.members, slot, false);
         model.workers -= 1;
         self.free_workers.push(slot);
+        self.epoch += 1;
         true
     }
 
@@ -412,21 +420,30 @@ impl Index {
 
     /// The slot of `key`'s block, creating it (unheld, unreferenced) if new.
     fn intern_block(&mut self, key: u64) -> u32 {
-        if let Some(s) = self.find_block(key) {
-            return s;
+        let blocks = &self.blocks;
+        let free = self.free_block;
+        let next_slot = if free == NIL { blocks.len() as u32 } else { free };
+        // One probe: find the key, or claim its bucket for the next slot.
+        match self.by_key.entry(key, |&s| blocks[s as usize].key == key, |&s| blocks[s as usize].key) {
+            hashbrown::hash_table::Entry::Occupied(o) => return *o.get(),
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(next_slot);
+            }
         }
-        let b = Block { key, prev: NIL, next: NIL, refs: 0, holders: 0 };
+        let b = Block { key, refs: 0, holders: 0 };
         let slot = if self.free_block == NIL {
             self.blocks.push(b);
+            if self.capacity.is_some() {
+                self.links.push([NIL, NIL]);
+            }
             (self.blocks.len() - 1) as u32
         } else {
             let s = self.free_block;
-            self.free_block = self.blocks[s as usize].next;
+            self.free_block = self.blocks[s as usize].holders;
             self.blocks[s as usize] = b;
             s
         };
-        let blocks = &self.blocks;
-        self.by_key.insert_unique(key, slot, |&s| blocks[s as usize].key);
+        debug_assert_eq!(slot, next_slot);
         // A fresh block counts as dormant until someone holds it.
         self.dormant += 1;
         slot
@@ -444,41 +461,34 @@ impl Index {
         }
         self.dormant -= 1;
         let blk = &mut self.blocks[slot as usize];
-        blk.next = self.free_block;
-        blk.prev = NIL;
+        blk.holders = self.free_block;
         blk.key = 0;
         blk.refs = NIL;
         self.free_block = slot;
     }
 
     fn lru_unlink(&mut self, slot: u32) {
-        let Block { prev, next, .. } = self.blocks[slot as usize];
+        let [prev, next] = self.links[slot as usize];
         if prev == NIL {
             self.lru_head = next;
         } else {
-            self.blocks[prev as usize].next = next;
+            self.links[prev as usize][1] = next;
         }
         if next == NIL {
             self.lru_tail = prev;
         } else {
-            self.blocks[next as usize].prev = prev;
+            self.links[next as usize][0] = prev;
         }
-        let b = &mut self.blocks[slot as usize];
-        b.prev = NIL;
-        b.next = NIL;
+        self.links[slot as usize] = [NIL, NIL];
     }
 
     fn lru_push_front(&mut self, slot: u32) {
         let head = self.lru_head;
-        {
-            let b = &mut self.blocks[slot as usize];
-            b.prev = NIL;
-            b.next = head;
-        }
+        self.links[slot as usize] = [NIL, head];
         if head == NIL {
             self.lru_tail = slot;
         } else {
-            self.blocks[head as usize].prev = slot;
+            self.links[head as usize][0] = slot;
         }
         self.lru_head = slot;
     }
@@ -502,18 +512,25 @@ impl Index {
             }
             _ => {}
         }
+        // The LRU list exists only under a capacity bound: without one,
+        // nothing is ever evicted and touching neighbours is wasted work.
+        let lru = self.capacity.is_some();
         match (was_held, now_held) {
             (false, true) => {
                 self.dormant -= 1;
                 self.held_blocks += 1;
-                self.lru_push_front(slot);
+                if lru {
+                    self.lru_push_front(slot);
+                }
             }
             (true, false) => {
-                self.lru_unlink(slot);
+                if lru {
+                    self.lru_unlink(slot);
+                }
                 self.held_blocks -= 1;
                 self.dormant += 1;
             }
-            (true, true) if touch && self.lru_head != slot => {
+            (true, true) if lru && touch && self.lru_head != slot => {
                 self.lru_unlink(slot);
                 self.lru_push_front(slot);
             }
@@ -540,14 +557,17 @@ impl Index {
 
     // ---------------------------------------------------------- engine hashes
 
-    fn emap_get(&self, wslot: u32, ek: u64) -> Option<u32> {
-        self.worker(wslot).emap.find(mix(ek), |e| ekey(e) == ek).map(|e| e[2])
+    // The engine-hash map functions take the worker's map as an argument:
+    // `apply_batch` moves it out of the worker for the batch, so one probe
+    // can be used across calls that also touch the rest of the index.
+
+    fn emap_get(emap: &EMap, ek: u64) -> Option<u32> {
+        emap.find(mix(ek), |e| ekey(e) == ek).map(|e| e[2])
     }
 
     /// Point `ek` at block `slot`; returns the block it pointed at before.
-    fn emap_set(&mut self, wslot: u32, ek: u64, slot: u32) -> Option<u32> {
-        let w = self.workers[slot_usize(wslot)].as_mut().expect("live worker slot");
-        let old = match w.emap.entry(mix(ek), |e| ekey(e) == ek, |e| mix(ekey(e))) {
+    fn emap_set(&mut self, emap: &mut EMap, ek: u64, slot: u32) -> Option<u32> {
+        let old = match emap.entry(mix(ek), |e| ekey(e) == ek, |e| mix(ekey(e))) {
             hashbrown::hash_table::Entry::Occupied(mut o) => {
                 let old = o.get()[2];
                 if old == slot {
@@ -567,17 +587,6 @@ impl Index {
             self.blocks[o as usize].refs -= 1;
         }
         old
-    }
-
-    fn emap_remove(&mut self, wslot: u32, ek: u64) -> Option<u32> {
-        let w = self.workers[slot_usize(wslot)].as_mut().expect("live worker slot");
-        let Ok(e) = w.emap.find_entry(mix(ek), |e| ekey(e) == ek) else { return None };
-        let (v, _) = e.remove();
-        self.engine_hashes -= 1;
-        let slot = v[2];
-        self.blocks[slot as usize].refs -= 1;
-        self.maybe_free_block(slot);
-        Some(slot)
     }
 
     fn purge_slot(&mut self, wslot: u32) {
@@ -622,23 +631,31 @@ impl Index {
                 Event::Stored(s) => self.apply_stored(wslot, batch, s, &mut st),
                 Event::Removed(r) => {
                     let tier = Tier::of_medium(r.medium).bit();
+                    let mut emap = std::mem::take(&mut self.worker_mut(wslot).emap);
                     for h in &batch.hashes[r.hashes.clone()] {
                         let ek = engine_key(*h, r.group_idx.unwrap_or(0));
-                        match self.emap_get(wslot, ek) {
-                            Some(slot) => {
-                                let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
-                                let left = cur & !tier;
-                                if cur != left {
-                                    self.set_tiers(slot, wslot, left, false);
-                                }
-                                if left == 0 {
-                                    self.emap_remove(wslot, ek);
-                                }
-                                st.removed += 1;
-                            }
-                            None => st.unknown_removals += 1,
+                        let Ok(entry) = emap.find_entry(mix(ek), |e| ekey(e) == ek) else {
+                            st.unknown_removals += 1;
+                            continue;
+                        };
+                        let slot = entry.get()[2];
+                        let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
+                        let left = cur & !tier;
+                        if left == 0 {
+                            // W no longer holds the block: forget the hash.
+                            entry.remove();
+                            self.engine_hashes -= 1;
+                            self.blocks[slot as usize].refs -= 1;
                         }
+                        if cur != left {
+                            self.set_tiers(slot, wslot, left, false);
+                        }
+                        if left == 0 {
+                            self.maybe_free_block(slot);
+                        }
+                        st.removed += 1;
                     }
+                    self.worker_mut(wslot).emap = emap;
                 }
                 Event::Cleared => {
                     self.purge_slot(wslot);
@@ -663,6 +680,19 @@ impl Index {
     }
 
     fn apply_stored(&mut self, wslot: u32, batch: &Batch<'_>, s: &Stored<'_>, st: &mut ApplyStats) {
+        let mut emap = std::mem::take(&mut self.worker_mut(wslot).emap);
+        self.apply_stored_with(wslot, &mut emap, batch, s, st);
+        self.worker_mut(wslot).emap = emap;
+    }
+
+    fn apply_stored_with(
+        &mut self,
+        wslot: u32,
+        emap: &mut EMap,
+        batch: &Batch<'_>,
+        s: &Stored<'_>,
+        st: &mut ApplyStats,
+    ) {
         let hashes = &batch.hashes[s.hashes.clone()];
         let n = hashes.len();
         if n == 0 {
@@ -677,7 +707,7 @@ impl Index {
         if tokens.is_empty() {
             // Offload-style store: the blocks are named by hash only.
             for h in hashes {
-                match self.emap_get(wslot, engine_key(*h, s.group_idx.unwrap_or(0))) {
+                match Self::emap_get(emap, engine_key(*h, s.group_idx.unwrap_or(0))) {
                     Some(slot) => {
                         let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
                         self.set_tiers(slot, wslot, cur | tier, true);
@@ -710,7 +740,7 @@ impl Index {
         }
         let bs = bs as usize;
         let mut prev = match s.parent {
-            Some(p) => match self.emap_get(wslot, engine_key(p, s.group_idx.unwrap_or(0))) {
+            Some(p) => match Self::emap_get(emap, engine_key(p, s.group_idx.unwrap_or(0))) {
                 Some(slot) => self.blocks[slot as usize].key,
                 None => {
                     st.orphaned += n as u64;
@@ -741,7 +771,7 @@ impl Index {
             prev = key;
             let slot = self.intern_block(key);
             let ek = engine_key(*h, s.group_idx.unwrap_or(0));
-            if let Some(old) = self.emap_set(wslot, ek, slot) {
+            if let Some(old) = self.emap_set(emap, ek, slot) {
                 if old != slot {
                     // The engine re-used the hash for other content: forget
                     // what it said before.
@@ -764,56 +794,95 @@ impl Index {
     /// blocks of the query it holds in one of the query's tiers. An unknown
     /// model gives an empty list.
     pub fn match_prefix(&self, q: &Query<'_, '_>) -> Vec<(&str, u32)> {
-        let Some(&m) = self.model_by_name.get(q.model) else { return Vec::new() };
+        let mut out = Vec::new();
+        self.match_slots(q, &mut out);
+        out.into_iter().map(|(slot, d)| (self.worker(slot).id.as_str(), d)).collect()
+    }
+
+    /// [`Index::match_prefix`] by worker slot (see [`Index::worker_slots`]),
+    /// into a reusable buffer; no allocation per worker.
+    pub fn match_slots(&self, q: &Query<'_, '_>, out: &mut Vec<(u32, u32)>) {
+        out.clear();
+        let Some(&m) = self.model_by_name.get(q.model) else { return };
         let model = &self.models[m as usize];
-        let mut depth = vec![0u32; model.members.len() * 64];
-        let mut alive = model.members.clone();
+        let words = model.members.len();
+        // Small fixed buffers cover 1,024 workers per model without allocating.
+        let mut alive_buf = [0u64; 16];
+        let mut before_buf = [0u64; 16];
+        let mut depth_buf = [0u32; 16 * 64];
+        let mut heap: (Vec<u64>, Vec<u64>, Vec<u32>);
+        let (alive, before, depth): (&mut [u64], &mut [u64], &mut [u32]) = if words <= alive_buf.len() {
+            (&mut alive_buf[..words], &mut before_buf[..words], &mut depth_buf[..words * 64])
+        } else {
+            heap = (vec![0; words], vec![0; words], vec![0; words * 64]);
+            (&mut heap.0[..], &mut heap.1[..], &mut heap.2[..])
+        };
+        alive.copy_from_slice(&model.members);
+        out.reserve(model.workers as usize);
+        let mut i = 0u32;
         if let Some(bs) = model.block_size {
             let bs = bs as usize;
             let nblocks = q.tokens.len() / bs;
             let mut prev = namespace(&model.name, q.lora);
-            let mut i = 0;
-            let mut before = alive.clone();
-            while i < nblocks && alive.iter().any(|&w| w != 0) {
-                let toks = &q.tokens[i * bs..(i + 1) * bs];
-                let extras: &[Value<'_>] = match q.extra_keys.and_then(|e| e.get(i)) {
+            while (i as usize) < nblocks {
+                let at = i as usize * bs;
+                let toks = &q.tokens[at..at + bs];
+                let extras: &[Value<'_>] = match q.extra_keys.and_then(|e| e.get(i as usize)) {
                     Some(Some(v)) => v,
                     _ => &[],
                 };
                 prev = block_key(prev, toks, extras);
                 let Some(slot) = self.find_block(prev) else { break };
-                before.copy_from_slice(&alive);
-                self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, &mut alive);
+                before.copy_from_slice(alive);
+                self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
+                let mut any = 0;
                 for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
+                    any |= a;
                     let mut gone = b & !a;
                     while gone != 0 {
-                        let bit = gone.trailing_zeros() as usize;
+                        let bit = gone.trailing_zeros();
                         gone &= gone - 1;
-                        depth[w * 64 + bit] = i as u32;
+                        depth[w * 64 + bit as usize] = i;
                     }
                 }
                 i += 1;
-            }
-            for (w, &a) in alive.iter().enumerate() {
-                let mut rest = a;
-                while rest != 0 {
-                    let bit = rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    depth[w * 64 + bit] = i as u32;
+                if any == 0 {
+                    break;
                 }
             }
         }
-        let mut out = Vec::with_capacity(model.workers as usize);
+        for (w, &a) in alive.iter().enumerate() {
+            let mut rest = a;
+            while rest != 0 {
+                let bit = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                depth[w * 64 + bit] = i;
+            }
+        }
+        // Registration-slot order, so answers print in a stable order.
         for (w, &bits) in model.members.iter().enumerate() {
             let mut rest = bits;
             while rest != 0 {
                 let bit = rest.trailing_zeros() as usize;
                 rest &= rest - 1;
-                let slot = w * 64 + bit;
-                out.push((self.worker(slot as u32).id.as_str(), depth[slot]));
+                out.push(((w * 64 + bit) as u32, depth[w * 64 + bit]));
             }
         }
-        out
+    }
+
+    /// Changes whenever a worker is added or removed (slots are reused).
+    pub fn worker_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Every registered worker with its slot.
+    pub fn worker_slots(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.workers.iter().enumerate().filter_map(|(s, w)| w.as_ref().map(|w| (s as u32, w.id.as_str())))
+    }
+
+    /// One past the largest worker slot.
+    pub fn slot_count(&self) -> usize {
+        self.workers.len()
     }
 
     /// Prefix keys of a query's full blocks (for tools and tests).
@@ -852,6 +921,7 @@ impl Index {
     fn memory_bytes(&self) -> usize {
         let mut n = std::mem::size_of::<Self>();
         n += self.blocks.capacity() * std::mem::size_of::<Block>();
+        n += self.links.capacity() * std::mem::size_of::<[u32; 2]>();
         n += self.by_key.allocation_size();
         n += self.pool.memory_bytes();
         n += self.workers.capacity() * std::mem::size_of::<Option<Worker>>();
@@ -924,15 +994,16 @@ impl Index {
         let mut cur = self.lru_head;
         let mut prev = NIL;
         while cur != NIL {
-            let b = &self.blocks[cur as usize];
-            if b.prev != prev || b.holders == 0 {
+            let [p, n] = self.links[cur as usize];
+            if p != prev || self.blocks[cur as usize].holders == 0 {
                 return Err(format!("LRU list broken at {cur}"));
             }
             lru += 1;
             prev = cur;
-            cur = b.next;
+            cur = n;
         }
-        if prev != self.lru_tail || lru != held_blocks {
+        let want_lru = if self.capacity.is_some() { held_blocks } else { 0 };
+        if prev != self.lru_tail || lru != want_lru {
             return Err(format!("LRU has {lru} blocks, {held_blocks} held"));
         }
         if (held_blocks, dormant, holdings) != (self.held_blocks, self.dormant, self.holdings) {
@@ -960,7 +1031,11 @@ impl Index {
         let mut cur = self.lru_tail;
         while cur != NIL {
             order.push(cur);
-            cur = self.blocks[cur as usize].prev;
+            cur = self.links[cur as usize][0];
+        }
+        if self.capacity.is_none() {
+            // no LRU list: held blocks in table order
+            order.extend(self.by_key.iter().copied().filter(|&s| self.blocks[s as usize].holders != 0));
         }
         for &slot in &self.by_key {
             if self.blocks[slot as usize].holders == 0 {
@@ -1070,12 +1145,14 @@ impl Index {
                 w.counters.purges = purges;
             }
             let ne = r.u32()?;
+            let mut emap = std::mem::take(&mut ix.worker_mut(ws).emap);
             for _ in 0..ne {
                 let ek = r.u64()?;
                 let o = r.u32()? as usize;
                 let slot = *slots.get(o).ok_or_else(|| bad("engine hash names an unknown block"))?;
-                ix.emap_set(ws, ek, slot);
+                ix.emap_set(&mut emap, ek, slot);
             }
+            ix.worker_mut(ws).emap = emap;
             let nh = r.u32()?;
             let mut held = Vec::new();
             for _ in 0..nh {
@@ -1116,9 +1193,6 @@ impl Index {
     }
 }
 
-fn slot_usize(s: u32) -> usize {
-    s as usize
-}
 
 fn put_u32(b: &mut Vec<u8>, v: u32) {
     b.extend_from_slice(&v.to_le_bytes());

@@ -124,6 +124,21 @@ pub struct Batch<'a> {
     pub block_events: usize,
 }
 
+/// Payload bytes that follow a token id's marker byte: 0 for a positive
+/// fixint, 1/2/4 for uint8/16/32, 0xff for anything else (general path).
+const TOKEN_WIDTH: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 0x80 {
+        t[i] = 0;
+        i += 1;
+    }
+    t[0xcc] = 1;
+    t[0xcd] = 2;
+    t[0xce] = 4;
+    t
+};
+
 /// Field names of `BlockStored` in array (positional) order, vLLM 0.33.
 /// Position 6 is `lora_name` in vLLM and the `metadata` map in SGLang 0.5.18;
 /// the value's type tells them apart.
@@ -156,6 +171,15 @@ const OTHER_FIELDS: [&str; 7] = [
     "metadata",
     "cache_salt",
 ];
+
+/// The field names of the known layouts, matched on raw bytes (saves the
+/// UTF-8 check on the hot path).
+fn known_key(raw: &[u8]) -> Option<&'static str> {
+    if raw == b"type" {
+        return Some("type");
+    }
+    STORED_FIELDS.iter().chain(&["cache_salt", "metadata"]).copied().find(|f| f.as_bytes() == raw)
+}
 
 fn static_name(name: &str) -> Option<&'static str> {
     OTHER_FIELDS.iter().copied().find(|n| *n == name)
@@ -425,12 +449,15 @@ impl<'a> Decoder<'a> {
 
     fn map_event(&mut self, i: usize, n: usize) -> Result<(), DecodeError> {
         let start = self.cur;
-        // Find the tag first: msgspec writes it first, but key order is not promised.
+        // Find the tag first: msgspec writes it first (then one pass is
+        // enough), but key order is not promised.
         let mut tag = None;
-        for _ in 0..n {
+        let mut first_was_tag = false;
+        for k in 0..n {
             let key = self.key(i)?;
             if key == "type" {
                 tag = Some(self.tag(At { event: i, field: "type" })?);
+                first_was_tag = k == 0;
                 break;
             }
             self.skip(0, At { event: i, field: key })?;
@@ -438,10 +465,15 @@ impl<'a> Decoder<'a> {
         let Some(tag) = tag else {
             return Err(self.err(At { event: i, field: "" }, "event map has no \"type\" key"));
         };
-        self.cur = start;
+        let rest = if first_was_tag {
+            n - 1
+        } else {
+            self.cur = start;
+            n
+        };
         let kind = kind_of(tag);
         let mut ev = kind.map(EventBuilder::new);
-        for _ in 0..n {
+        for _ in 0..rest {
             let key = self.key(i)?;
             match (&mut ev, key) {
                 (_, "type") | (None, _) => self.skip(0, At { event: i, field: key })?,
@@ -465,6 +497,9 @@ impl<'a> Decoder<'a> {
         }
         let n = self.cur.len_of(m)?.unwrap_or(0);
         let raw = self.cur.take(n, "map key")?;
+        if let Some(known) = known_key(raw) {
+            return Ok(known);
+        }
         std::str::from_utf8(raw).map_err(|_| self.err(at, "map key is not UTF-8"))
     }
 
@@ -497,11 +532,30 @@ impl<'a> Decoder<'a> {
                 let start = self.batch.tokens.len();
                 self.batch.tokens.reserve(n.min(self.cur.buf.len() - self.cur.pos));
                 for _ in 0..n {
-                    let m = self.cur.marker()?;
-                    // Single-byte fixints are most tokens' encoding only in tests;
-                    // real vocabularies use u16/u32, all handled by int_of.
-                    let v = self.cur.int_of(m)?.ok_or_else(|| self.expected(at, "int token id", m))?;
-                    let t = u32::try_from(v).map_err(|_| self.err(at, &format!("token id {v} is not in 0..2^32")))?;
+                    // Fast path for the encodings token ids actually use
+                    // (fixint, uint8/16/32), without a branch on the width:
+                    // read the 4 bytes after the marker and shift.
+                    let buf = self.cur.buf;
+                    let p = self.cur.pos;
+                    let t = match buf.get(p..p + 5) {
+                        Some(w) if TOKEN_WIDTH[usize::from(w[0])] != 0xff => {
+                            let width = u32::from(TOKEN_WIDTH[usize::from(w[0])]);
+                            let wide = u64::from(u32::from_be_bytes([w[1], w[2], w[3], w[4]]));
+                            let v = (wide >> (32 - 8 * width)) as u32;
+                            self.cur.pos = p + 1 + width as usize;
+                            if width == 0 {
+                                u32::from(w[0])
+                            } else {
+                                v
+                            }
+                        }
+                        _ => {
+                            let m = self.cur.marker()?;
+                            let v = self.cur.int_of(m)?.ok_or_else(|| self.expected(at, "int token id", m))?;
+                            u32::try_from(v)
+                                .map_err(|_| self.err(at, &format!("token id {v} is not in 0..2^32")))?
+                        }
+                    };
                     self.batch.tokens.push(t);
                 }
                 ev.tokens = Some(start..self.batch.tokens.len());
@@ -628,6 +682,14 @@ impl<'a> Decoder<'a> {
     }
 
     fn hash(&mut self, at: At<'_>) -> Result<Option<EngineHash<'a>>, DecodeError> {
+        // Fast path: vLLM's default hashes are uint64.
+        let (buf, p) = (self.cur.buf, self.cur.pos);
+        if buf.get(p) == Some(&0xcf) && p + 9 <= buf.len() {
+            let mut be = [0u8; 8];
+            be.copy_from_slice(&buf[p + 1..p + 9]);
+            self.cur.pos = p + 9;
+            return Ok(Some(EngineHash::Unsigned(u64::from_be_bytes(be))));
+        }
         let m = self.cur.marker()?;
         if m == Marker::Null {
             return Ok(None);
