@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use kvsync_core::wire::{self, EngineHash, Event as CoreEvent, Mode, Value};
 use kvsync_core::{IndexError, Lora, Query, Tier};
@@ -315,10 +316,70 @@ impl QueryArgs {
     }
 }
 
+/// Worker ids as Python strings by slot, for building match answers
+/// without creating a string per worker per call.
+struct Names {
+    epoch: u64,
+    by_slot: Vec<Option<Py<PyString>>>,
+}
+
+impl Names {
+    fn of(py: Python<'_>, ix: &kvsync_core::Index) -> Names {
+        let mut by_slot: Vec<Option<Py<PyString>>> = (0..ix.slot_count()).map(|_| None).collect();
+        for (slot, id) in ix.worker_slots() {
+            by_slot[slot as usize] = Some(PyString::new(py, id).unbind());
+        }
+        Names { epoch: ix.worker_epoch(), by_slot }
+    }
+}
+
 /// The exact prefix index (see SPEC section 2).
+///
+/// Locking rule: no thread ever waits for the GIL while holding `inner`
+/// (work under the lock runs detached or is plain Rust), so taking `inner`
+/// while attached cannot deadlock.
 #[pyclass(frozen, module = "kvsync._core")]
 struct Index {
     inner: RwLock<kvsync_core::Index>,
+    names: parking_lot::Mutex<Arc<Names>>,
+}
+
+impl Index {
+    fn wrap(ix: kvsync_core::Index) -> Index {
+        Index { inner: RwLock::new(ix), names: parking_lot::Mutex::new(Arc::new(Names { epoch: u64::MAX, by_slot: Vec::new() })) }
+    }
+
+    /// Match `args` and turn the answer into `{worker: blocks}`.
+    fn answer<'py>(&self, py: Python<'py>, model: &str, args: &QueryArgs, mask: u8) -> PyResult<Bound<'py, PyDict>> {
+        let (mut found, epoch) = detached(py, || {
+            let ix = self.inner.read();
+            let mut out = Vec::new();
+            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
+            (out, ix.worker_epoch())
+        });
+        // Clone the cache handle and let go of the mutex at once: building
+        // Python objects may run arbitrary code.
+        let mut names = self.names.lock().clone();
+        if names.epoch != epoch {
+            // Workers changed: rebuild the names, and if they changed again
+            // since the match, match again under the same read lock.
+            let ix = self.inner.read();
+            let fresh = Arc::new(Names::of(py, &ix));
+            if fresh.epoch != epoch {
+                args.with_query(model, mask, |q| ix.match_slots(q, &mut found));
+            }
+            drop(ix);
+            names = fresh.clone();
+            *self.names.lock() = fresh;
+        }
+        let d = PyDict::new(py);
+        for (slot, n) in found {
+            if let Some(Some(name)) = names.by_slot.get(slot as usize) {
+                d.set_item(name.bind(py), n)?;
+            }
+        }
+        Ok(d)
+    }
 }
 
 #[pymethods]
@@ -326,7 +387,7 @@ impl Index {
     #[new]
     #[pyo3(signature = (capacity_blocks=None))]
     fn new(capacity_blocks: Option<usize>) -> PyResult<Self> {
-        Ok(Index { inner: RwLock::new(kvsync_core::Index::new(capacity_blocks).map_err(to_py)?) })
+        Ok(Index::wrap(kvsync_core::Index::new(capacity_blocks).map_err(to_py)?))
     }
 
     /// Register a worker (one engine event stream) of `model`.
@@ -397,15 +458,7 @@ impl Index {
     ) -> PyResult<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
         let mask = tiers_of(tiers)?;
-        let found: Vec<(String, u32)> = detached(py, || {
-            let ix = self.inner.read();
-            args.with_query(model, mask, |q| ix.match_prefix(q).into_iter().map(|(w, d)| (w.to_owned(), d)).collect())
-        });
-        let d = PyDict::new(py);
-        for (w, n) in found {
-            d.set_item(w, n)?;
-        }
-        Ok(d)
+        self.answer(py, model, &args, mask)
     }
 
     /// Like `match`, per tier: {worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}.
@@ -419,30 +472,18 @@ impl Index {
         extra_keys: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
-        let masks = [("gpu", Tier::Gpu.bit()), ("cpu", Tier::Cpu.bit()), ("storage", Tier::Storage.bit()), ("any", 7)];
-        let found: Vec<Vec<(String, u32)>> = detached(py, || {
-            let ix = self.inner.read();
-            masks
-                .iter()
-                .map(|(_, m)| {
-                    args.with_query(model, *m, |q| {
-                        ix.match_prefix(q).into_iter().map(|(w, d)| (w.to_owned(), d)).collect()
-                    })
-                })
-                .collect()
-        });
         let d = PyDict::new(py);
-        for (ti, (name, _)) in masks.iter().enumerate() {
-            for (w, n) in &found[ti] {
-                let inner = match d.get_item(w)? {
+        for (name, mask) in [("gpu", Tier::Gpu.bit()), ("cpu", Tier::Cpu.bit()), ("storage", Tier::Storage.bit()), ("any", 7)] {
+            for (w, n) in self.answer(py, model, &args, mask)?.iter() {
+                let inner = match d.get_item(&w)? {
                     Some(x) => x.cast_into::<PyDict>()?,
                     None => {
                         let x = PyDict::new(py);
-                        d.set_item(w, &x)?;
+                        d.set_item(&w, &x)?;
                         x
                     }
                 };
-                inner.set_item(*name, *n)?;
+                inner.set_item(name, n)?;
             }
         }
         Ok(d)
@@ -547,7 +588,7 @@ impl Index {
             .map_err(|e| PyOSError::new_err(format!("cannot open index snapshot {}: {e}", path.display())))?;
         let ix = detached(py, || kvsync_core::Index::load(&mut BufReader::new(file)));
         match ix {
-            Ok(ix) => Ok(Index { inner: RwLock::new(ix) }),
+            Ok(ix) => Ok(Index::wrap(ix)),
             Err(IndexError::Snapshot(m)) => Err(SnapshotError::new_err(format!("{}: {m}", path.display()))),
             Err(e) => Err(to_py(e)),
         }
