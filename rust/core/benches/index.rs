@@ -155,7 +155,7 @@ fn stream(workers: usize, steps: usize) -> Stream {
         for (w, e) in engines.iter_mut().enumerate() {
             let mut evs = Vec::new();
             let mut new_blocks = 0;
-            let mut hash = |e: &mut Engine| {
+            let hash = |e: &mut Engine| {
                 e.next_hash += 1;
                 e.next_hash.wrapping_mul(0x9e37_79b9_7f4a_7c15)
             };
@@ -175,7 +175,7 @@ fn stream(workers: usize, steps: usize) -> Stream {
                 let last = *hashes.last().unwrap();
                 new_blocks += hashes.len();
                 evs.push(Ev::Stored(hashes, parent, tokens));
-                e.running.push((last, e.rng.range(4, 48)));
+                e.running.push((last, e.rng.range(4, 24)));
             }
             for _ in 0..2 {
                 if e.running.is_empty() {

@@ -184,19 +184,18 @@ impl Pool {
                 }
             }
             Set::Dense { words, bits, .. } => {
-                for (w, a) in alive.iter_mut().enumerate() {
-                    if w >= *words {
-                        *a = 0;
-                        continue;
-                    }
-                    let mut m = 0;
-                    for tier in 0..3 {
-                        if mask >> tier & 1 == 1 {
-                            m |= bits[tier * words + w];
-                        }
-                    }
-                    *a &= m;
+                let words = *words;
+                let n = alive.len().min(words);
+                let (gpu, rest) = bits.split_at(words);
+                let (cpu, storage) = rest.split_at(words);
+                // One pass per tier mask, without per-word tier tests.
+                let (g, c, st) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+                for w in 0..n {
+                    let m =
+                        (if g { gpu[w] } else { 0 }) | (if c { cpu[w] } else { 0 }) | (if st { storage[w] } else { 0 });
+                    alive[w] &= m;
                 }
+                alive[n..].fill(0);
             }
         }
     }

@@ -875,9 +875,11 @@ impl Index {
         self.epoch
     }
 
-    /// Every registered worker with its slot.
-    pub fn worker_slots(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.workers.iter().enumerate().filter_map(|(s, w)| w.as_ref().map(|w| (s as u32, w.id.as_str())))
+    /// Every registered worker with its slot and model, in slot order.
+    pub fn worker_slots(&self) -> impl Iterator<Item = (u32, &str, &str)> {
+        self.workers.iter().enumerate().filter_map(|(s, w)| {
+            w.as_ref().map(|w| (s as u32, w.id.as_str(), self.models[w.model as usize].name.as_str()))
+        })
     }
 
     /// One past the largest worker slot.
@@ -1192,7 +1194,6 @@ impl Index {
         Ok(ix)
     }
 }
-
 
 fn put_u32(b: &mut Vec<u8>, v: u32) {
     b.extend_from_slice(&v.to_le_bytes());

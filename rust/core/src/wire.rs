@@ -552,8 +552,7 @@ impl<'a> Decoder<'a> {
                         _ => {
                             let m = self.cur.marker()?;
                             let v = self.cur.int_of(m)?.ok_or_else(|| self.expected(at, "int token id", m))?;
-                            u32::try_from(v)
-                                .map_err(|_| self.err(at, &format!("token id {v} is not in 0..2^32")))?
+                            u32::try_from(v).map_err(|_| self.err(at, &format!("token id {v} is not in 0..2^32")))?
                         }
                     };
                     self.batch.tokens.push(t);

@@ -316,21 +316,39 @@ impl QueryArgs {
     }
 }
 
-/// Worker ids as Python strings by slot, for building match answers
-/// without creating a string per worker per call.
+/// Worker ids as Python strings by slot, and per model a template answer
+/// `{worker: 0}` in slot order: an answer is a copy of the template with the
+/// non-zero depths written in, so no string is created and the dict never
+/// resizes during a match.
 struct Names {
     epoch: u64,
     by_slot: Vec<Option<Py<PyString>>>,
+    templates: std::collections::HashMap<String, Py<PyDict>>,
 }
 
 impl Names {
-    fn of(py: Python<'_>, ix: &kvsync_core::Index) -> Names {
+    fn of(py: Python<'_>, ix: &kvsync_core::Index) -> PyResult<Names> {
         let mut by_slot: Vec<Option<Py<PyString>>> = (0..ix.slot_count()).map(|_| None).collect();
-        for (slot, id) in ix.worker_slots() {
-            by_slot[slot as usize] = Some(PyString::new(py, id).unbind());
+        let mut templates: std::collections::HashMap<String, Py<PyDict>> = std::collections::HashMap::new();
+        let zero = 0u32.into_pyobject(py)?;
+        for (slot, id, model) in ix.worker_slots() {
+            let name = PyString::new(py, id);
+            let t = templates.entry(model.to_owned()).or_insert_with(|| PyDict::new(py).unbind());
+            t.bind(py).set_item(&name, &zero)?;
+            by_slot[slot as usize] = Some(name.unbind());
         }
-        Names { epoch: ix.worker_epoch(), by_slot }
+        Ok(Names { epoch: ix.worker_epoch(), by_slot, templates })
     }
+}
+
+/// Python ints for match depths, made once (CPython caches only -5..=256).
+static DEPTHS: pyo3::sync::PyOnceLock<Vec<Py<PyAny>>> = pyo3::sync::PyOnceLock::new();
+const CACHED_DEPTHS: u32 = 8192;
+
+fn depth_cache(py: Python<'_>) -> &[Py<PyAny>] {
+    DEPTHS.get_or_init(py, || {
+        (0..=CACHED_DEPTHS).map(|i| i.into_pyobject(py).expect("int").into_any().unbind()).collect()
+    })
 }
 
 /// The exact prefix index (see SPEC section 2).
@@ -346,7 +364,14 @@ struct Index {
 
 impl Index {
     fn wrap(ix: kvsync_core::Index) -> Index {
-        Index { inner: RwLock::new(ix), names: parking_lot::Mutex::new(Arc::new(Names { epoch: u64::MAX, by_slot: Vec::new() })) }
+        Index {
+            inner: RwLock::new(ix),
+            names: parking_lot::Mutex::new(Arc::new(Names {
+                epoch: u64::MAX,
+                by_slot: Vec::new(),
+                templates: std::collections::HashMap::new(),
+            })),
+        }
     }
 
     /// Match `args` and turn the answer into `{worker: blocks}`.
@@ -364,7 +389,7 @@ impl Index {
             // Workers changed: rebuild the names, and if they changed again
             // since the match, match again under the same read lock.
             let ix = self.inner.read();
-            let fresh = Arc::new(Names::of(py, &ix));
+            let fresh = Arc::new(Names::of(py, &ix)?);
             if fresh.epoch != epoch {
                 args.with_query(model, mask, |q| ix.match_slots(q, &mut found));
             }
@@ -372,10 +397,30 @@ impl Index {
             names = fresh.clone();
             *self.names.lock() = fresh;
         }
-        let d = PyDict::new(py);
+        let Some(template) = names.templates.get(model) else { return Ok(PyDict::new(py)) };
+        let d = template.bind(py).copy()?;
+        let depths = depth_cache(py);
         for (slot, n) in found {
-            if let Some(Some(name)) = names.by_slot.get(slot as usize) {
-                d.set_item(name.bind(py), n)?;
+            if n == 0 {
+                continue;
+            }
+            let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
+            let big;
+            let value = match depths.get(n as usize) {
+                Some(v) => v.as_ptr(),
+                None => {
+                    big = n.into_pyobject(py)?;
+                    big.as_ptr()
+                }
+            };
+            // Safety: attached to the interpreter; `d` is a dict we own and
+            // `name`/`value` are live objects (held by `names`, the depth
+            // cache or `big`) for the whole call. PyDict_SetItem borrows its
+            // arguments (no reference is stolen). This is the hot loop of
+            // every match, so it skips PyO3's per-call conversions.
+            let rc = unsafe { pyo3::ffi::PyDict_SetItem(d.as_ptr(), name.as_ptr(), value) };
+            if rc != 0 {
+                return Err(PyErr::fetch(py));
             }
         }
         Ok(d)
@@ -473,7 +518,9 @@ impl Index {
     ) -> PyResult<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
         let d = PyDict::new(py);
-        for (name, mask) in [("gpu", Tier::Gpu.bit()), ("cpu", Tier::Cpu.bit()), ("storage", Tier::Storage.bit()), ("any", 7)] {
+        for (name, mask) in
+            [("gpu", Tier::Gpu.bit()), ("cpu", Tier::Cpu.bit()), ("storage", Tier::Storage.bit()), ("any", 7)]
+        {
             for (w, n) in self.answer(py, model, &args, mask)?.iter() {
                 let inner = match d.get_item(&w)? {
                     Some(x) => x.cast_into::<PyDict>()?,
