@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .workloads import IngestWorkload, ingest_workload
+from .workloads import IngestWorkload, bulk_workload, ingest_workload
 
 # Lines for the end-of-run summary: (section, text).
 _SUMMARY: list[tuple[str, str]] = []
@@ -27,13 +27,17 @@ def summary() -> Iterator[list[tuple[str, str]]]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not _SUMMARY:
         return
+    import kvsync
+
     terminalreporter.section("kvsync benchmark summary")
-    last = None
+    terminalreporter.write_line(f"kvsync {kvsync.__version__} from {kvsync.__file__}")
+    sections: dict[str, list[str]] = {}
     for section, line in _SUMMARY:
-        if section != last:
-            terminalreporter.write_line(f"[{section}]")
-            last = section
-        terminalreporter.write_line(f"  {line}")
+        sections.setdefault(section, []).append(line)
+    for section, lines in sections.items():
+        terminalreporter.write_line(f"[{section}]")
+        for line in lines:
+            terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +51,9 @@ def ingest() -> IngestWorkload:
     return ingest_workload(
         workers=64, target_block_events=1_500_000, capacity_blocks=4096, concurrency=32
     )
+
+
+@pytest.fixture(scope="module")
+def bulk() -> IngestWorkload:
+    """~1M block events as 512-block prefill stores (no decode, no evictions)."""
+    return bulk_workload()

@@ -90,7 +90,7 @@ class PlainIndex:
                 n = len(hashes)
                 toks = ev.token_ids
                 kind = ev.kv_cache_spec_kind
-                if kind is not None and kind != "full_attention" or not toks:
+                if (kind is not None and kind != "full_attention") or not toks:
                     # other attention groups, offload-only stores: not in
                     # the benchmark workloads
                     skipped += n

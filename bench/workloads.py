@@ -301,6 +301,31 @@ def ingest_workload(
     return w
 
 
+def bulk_workload(
+    *, workers: int = 64, chains: int = 256, per_chain: int = 8, seed: int = 3
+) -> IngestWorkload:
+    """The friendliest shape: one 512-block prefill ``BlockStored`` per
+    payload, no decode stores, no evictions (a fleet warming up on long
+    prompts). ``chains`` 8192-token prompts, each stored by ``per_chain``
+    workers; ``chains * per_chain * 512`` block events (1,048,576)."""
+    rng = np.random.default_rng(seed)
+    ids = worker_ids(workers)
+    hs = [HashSource(wk) for wk in range(workers)]
+    packb = msgpack.Packer().pack
+    w = IngestWorkload(workers=ids, payloads=[])
+    for c in range(chains):
+        tokens = chain_tokens(c, seed).tolist()
+        for wk in rng.permutation(workers)[:per_chain]:
+            hashes = hs[int(wk)].take(512).tolist()
+            payload = packb([1_750_000_000.0, [stored_event(hashes, None, tokens)], 0])
+            w.payloads.append((ids[int(wk)], payload))
+            w.payload_bytes += len(payload)
+            w.events += 1
+            w.stored_blocks += 512
+    w.probes = [chain_tokens(c, seed).tolist() for c in range(0, chains, max(1, chains // 20))]
+    return w
+
+
 # ------------------------------------------------------- holdings (10M scale)
 
 _K = {
