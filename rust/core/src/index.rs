@@ -59,8 +59,14 @@ const NIL: u32 = u32::MAX;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x01";
 
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 struct Block {
-    key: u64,
+    /// The prefix key as two halves: keeps the block at 4-byte alignment
+    /// (20 bytes, not 24).
+    key: [u32; 2],
+    /// The block most recently stored as this block's child: queries try it
+    /// before the key table (checked by key, so a stale hint is harmless).
+    child: u32,
     /// Engine-hash entries (over all workers) that point here; `NIL` marks
     /// a free slot.
     refs: u32,
@@ -83,6 +89,19 @@ pub struct WorkerCounters {
 }
 
 type EMap = HashTable<[u32; 3]>;
+
+const _: () = assert!(std::mem::size_of::<Block>() == 20);
+
+fn split(key: u64) -> [u32; 2] {
+    [key as u32, (key >> 32) as u32]
+}
+
+impl Block {
+    #[inline]
+    fn key(&self) -> u64 {
+        u64::from(self.key[0]) | (u64::from(self.key[1]) << 32)
+    }
+}
 
 struct Worker {
     id: String,
@@ -415,7 +434,7 @@ impl Index {
 
     fn find_block(&self, key: u64) -> Option<u32> {
         let blocks = &self.blocks;
-        self.by_key.find(key, |&s| blocks[s as usize].key == key).copied()
+        self.by_key.find(key, |&s| blocks[s as usize].key() == key).copied()
     }
 
     /// The slot of `key`'s block, creating it (unheld, unreferenced) if new.
@@ -424,13 +443,13 @@ impl Index {
         let free = self.free_block;
         let next_slot = if free == NIL { blocks.len() as u32 } else { free };
         // One probe: find the key, or claim its bucket for the next slot.
-        match self.by_key.entry(key, |&s| blocks[s as usize].key == key, |&s| blocks[s as usize].key) {
+        match self.by_key.entry(key, |&s| blocks[s as usize].key() == key, |&s| blocks[s as usize].key()) {
             hashbrown::hash_table::Entry::Occupied(o) => return *o.get(),
             hashbrown::hash_table::Entry::Vacant(v) => {
                 v.insert(next_slot);
             }
         }
-        let b = Block { key, refs: 0, holders: 0 };
+        let b = Block { key: split(key), child: NIL, refs: 0, holders: 0 };
         let slot = if self.free_block == NIL {
             self.blocks.push(b);
             if self.capacity.is_some() {
@@ -456,13 +475,14 @@ impl Index {
             return;
         }
         let blocks = &self.blocks;
-        if let Ok(e) = self.by_key.find_entry(b.key, |&s| blocks[s as usize].key == b.key) {
+        if let Ok(e) = self.by_key.find_entry(b.key(), |&s| blocks[s as usize].key() == b.key()) {
             e.remove();
         }
         self.dormant -= 1;
         let blk = &mut self.blocks[slot as usize];
         blk.holders = self.free_block;
-        blk.key = 0;
+        blk.key = [0, 0];
+        blk.child = NIL;
         blk.refs = NIL;
         self.free_block = slot;
     }
@@ -739,15 +759,15 @@ impl Index {
             None => self.models[model].block_size = Some(bs as u32),
         }
         let bs = bs as usize;
-        let mut prev = match s.parent {
+        let (mut prev, mut prev_slot) = match s.parent {
             Some(p) => match Self::emap_get(emap, engine_key(p, s.group_idx.unwrap_or(0))) {
-                Some(slot) => self.blocks[slot as usize].key,
+                Some(slot) => (self.blocks[slot as usize].key(), slot),
                 None => {
                     st.orphaned += n as u64;
                     return;
                 }
             },
-            None => namespace(&self.models[model].name, Lora::of_event(s.lora_name, s.lora_id)),
+            None => (namespace(&self.models[model].name, Lora::of_event(s.lora_name, s.lora_id)), NIL),
         };
         // Allocates only for events that carry extra keys.
         let mut extras: Vec<Value<'_>> = Vec::new();
@@ -770,6 +790,10 @@ impl Index {
             let key = block_key(prev, toks, &extras);
             prev = key;
             let slot = self.intern_block(key);
+            if prev_slot != NIL {
+                self.blocks[prev_slot as usize].child = slot;
+            }
+            prev_slot = slot;
             let ek = engine_key(*h, s.group_idx.unwrap_or(0));
             if let Some(old) = self.emap_set(emap, ek, slot) {
                 if old != slot {
@@ -824,6 +848,7 @@ impl Index {
             let bs = bs as usize;
             let nblocks = q.tokens.len() / bs;
             let mut prev = namespace(&model.name, q.lora);
+            let mut hint = NIL;
             while (i as usize) < nblocks {
                 let at = i as usize * bs;
                 let toks = &q.tokens[at..at + bs];
@@ -832,7 +857,14 @@ impl Index {
                     _ => &[],
                 };
                 prev = block_key(prev, toks, extras);
-                let Some(slot) = self.find_block(prev) else { break };
+                let slot = match self.blocks.get(hint as usize) {
+                    Some(b) if b.key() == prev && b.refs != NIL => hint,
+                    _ => match self.find_block(prev) {
+                        Some(s) => s,
+                        None => break,
+                    },
+                };
+                hint = self.blocks[slot as usize].child;
                 before.copy_from_slice(alive);
                 self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
                 let mut any = 0;
@@ -945,7 +977,7 @@ impl Index {
     /// Release spare capacity (after a large purge, or after loading).
     pub fn shrink_to_fit(&mut self) {
         let blocks = &self.blocks;
-        self.by_key.shrink_to(0, |&s| blocks[s as usize].key);
+        self.by_key.shrink_to(0, |&s| blocks[s as usize].key());
         for w in self.workers.iter_mut().flatten() {
             w.emap.shrink_to(0, |e| mix(ekey(e)));
         }
@@ -965,7 +997,7 @@ impl Index {
             }
             let mut held = 0u64;
             for (slot, b) in self.blocks.iter().enumerate() {
-                if self.find_block(b.key) == Some(slot as u32) && self.pool.get(b.holders, ws as u32) != 0 {
+                if self.find_block(b.key()) == Some(slot as u32) && self.pool.get(b.holders, ws as u32) != 0 {
                     held += 1;
                 }
             }
@@ -1057,7 +1089,7 @@ impl Index {
         }
         put_u32(&mut body, order.len() as u32);
         for &s in &order {
-            put_u64(&mut body, self.blocks[s as usize].key);
+            put_u64(&mut body, self.blocks[s as usize].key());
         }
         put_u32(&mut body, self.by_id.len() as u32);
         for (ws, w) in self.workers.iter().enumerate() {
