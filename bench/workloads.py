@@ -437,17 +437,28 @@ def chain_tokens(chain: int, seed: int, n_blocks: int = 512) -> np.ndarray:
     )
 
 
+SYS_CHAIN_BASE = 1_000_000  # chain ids of the shared system prompts
+
+
 @dataclass
 class MatchWorkload:
     workers: list[str]
     holdings: int
     chains: dict[str, list[int]]  # prompt name -> chain ids
     seed: int
+    sys_prompts: int
+    sys_blocks: int
     # hot chain -> workers that hold it in full
     hot_holders: dict[int, list[str]] = field(default_factory=dict)
 
     def prompt(self, chain: int) -> np.ndarray:
-        return chain_tokens(chain, self.seed)
+        """The chain's 8192 tokens: its system prompt, then its own blocks."""
+        return np.concatenate(
+            [
+                chain_tokens(SYS_CHAIN_BASE + chain % self.sys_prompts, self.seed, self.sys_blocks),
+                chain_tokens(chain, self.seed, 512 - self.sys_blocks),
+            ]
+        )
 
 
 def build_holdings(
@@ -459,44 +470,89 @@ def build_holdings(
     hot_holders: int = 150,
     hot_partial: int = 60,
     warm_chains: int = 4096,
+    sys_prompts: int = 8,
+    sys_blocks: int = 64,
     seed: int = 1,
 ) -> MatchWorkload:
     """Give every worker ``per_worker`` holdings (256 x 39,063 = 10,000,128).
 
-    Chains of 512 blocks: ``hot`` chains held in full by ``hot_holders``
-    workers each (and as a prefix of random length by ``hot_partial``
-    others), the rest of each worker's budget drawn from ``warm_chains``
-    chains (so each is held by ~4-5 workers), the last one as a prefix.
-    Workers must already be registered; ``apply(worker, payload)`` feeds one
-    payload.
+    Prompts of 512 blocks, each the ``sys_blocks``-block system prompt
+    ``chain % sys_prompts`` followed by blocks of its own, so the index is
+    a tree: each system prompt's last block has hundreds of children.
+    ``hot`` prompts are held in full by ``hot_holders`` workers each (and
+    as a prefix of random length by ``hot_partial`` others); the rest of
+    each worker's budget is drawn from ``warm_chains`` prompts (so each is
+    held by a few workers), the last one as a prefix. As an engine would, a
+    worker stores each system prompt once and its prompts' own blocks as
+    continuations (``parent_block_hash`` = its hash of the system prompt's
+    last block). Workers must already be registered; ``apply(worker,
+    payload)`` feeds one payload.
     """
     rng = np.random.default_rng(seed)
     ids = worker_ids(workers)
     plan: dict[int, list[tuple[int, int]]] = {}  # chain -> [(worker, blocks)]
     budget = [per_worker] * workers
-    out = MatchWorkload(workers=ids, holdings=workers * per_worker, chains={}, seed=seed)
+    # blocks of system prompt s that worker w will hold: max over its chains
+    cover: dict[tuple[int, int], int] = {}
+    out = MatchWorkload(
+        workers=ids,
+        holdings=workers * per_worker,
+        chains={},
+        seed=seed,
+        sys_prompts=sys_prompts,
+        sys_blocks=sys_blocks,
+    )
+
+    def add(c: int, wk: int, n: int) -> None:
+        key = (wk, c % sys_prompts)
+        have = cover.get(key, 0)
+        budget[wk] -= max(0, min(n, sys_blocks) - have) + max(0, n - sys_blocks)
+        cover[key] = max(have, min(n, sys_blocks))
+        plan.setdefault(c, []).append((wk, n))
+
     for c in range(hot):
         order = rng.permutation(workers)
         full, part = order[:hot_holders], order[hot_holders : hot_holders + hot_partial]
-        plan[c] = [(int(w), 512) for w in full] + [
-            (int(w), int(rng.integers(1, 512))) for w in part
-        ]
+        for w in full:
+            add(c, int(w), 512)
+        for w in part:
+            add(c, int(w), int(rng.integers(1, 512)))
         out.hot_holders[c] = sorted(ids[int(w)] for w in full)
-        for wk, n in plan[c]:
-            budget[wk] -= n
     for wk in range(workers):
-        for c in rng.permutation(warm_chains)[: budget[wk] // 512 + 1]:
-            n = min(512, budget[wk])
-            if n == 0:
+        for c in hot + rng.permutation(warm_chains):
+            if budget[wk] == 0:
                 break
-            plan.setdefault(hot + int(c), []).append((wk, n))
-            budget[wk] -= n
-    assert not any(budget)
+            have = cover.get((wk, int(c) % sys_prompts), 0)
+            missing = sys_blocks - have
+            if budget[wk] >= missing + 512 - sys_blocks:
+                n = 512
+            elif budget[wk] <= missing:
+                n = have + budget[wk]
+            else:
+                n = budget[wk] - missing + sys_blocks
+            add(int(c), wk, n)
+    assert not any(budget), budget
     hashes = [HashSource(wk) for wk in range(workers)]
+    stored: dict[tuple[int, int], tuple[int, int]] = {}  # (w, s) -> (blocks, last hash)
+    sys_body = [
+        pack_token_body(chain_tokens(SYS_CHAIN_BASE + s, seed, sys_blocks))
+        for s in range(sys_prompts)
+    ]
     for c in sorted(plan):
-        body = pack_token_body(chain_tokens(c, seed))
+        s = c % sys_prompts
+        body = pack_token_body(chain_tokens(c, seed, 512 - sys_blocks))
         for wk, n in plan[c]:
-            apply(ids[wk], stored_payload(hashes[wk].take(n), None, body[: n * BLOCK_BYTES]))
+            have, last = stored.get((wk, s), (0, 0))
+            need = min(n, sys_blocks)
+            if need > have:
+                h = hashes[wk].take(need - have)
+                part = sys_body[s][have * BLOCK_BYTES : need * BLOCK_BYTES]
+                apply(ids[wk], stored_payload(h, last if have else None, part))
+                have, last = need, int(h[-1])
+                stored[wk, s] = (have, last)
+            if n > sys_blocks:
+                own = body[: (n - sys_blocks) * BLOCK_BYTES]
+                apply(ids[wk], stored_payload(hashes[wk].take(n - sys_blocks), last, own))
     out.chains = {"hot": list(range(hot)), "warm": sorted(c for c in plan if c >= hot)}
     return out
 

@@ -258,38 +258,48 @@ fn bench_ingest(c: &mut Criterion) {
 
 // -------------------------------------------------------------------- match
 
-/// 256 workers: 150 hold the 512-block `hot` chain in full, 60 hold a
-/// prefix of it, and every worker holds 8 private 512-block chains and
-/// one 512-block chain shared with a few others (~1.2M holdings).
+/// 256 workers. Every prompt is one 64-block system prompt followed by 448
+/// blocks of its own, so the index is a tree whose system-prompt tail has
+/// ~2,400 children. Each worker stores the system prompt once, then its
+/// prompts' own blocks chained from it: 150 workers hold the `hot` prompt in
+/// full, 60 hold a prefix of it, and every worker holds 8 private prompts
+/// and one prompt shared with a few others (~1.1M holdings).
 fn fleet() -> (Index, Vec<u32>) {
+    const SYS: usize = 64;
     let mut rng = Rng(42);
     let workers: Vec<String> = (0..256).map(|w| format!("pod-{w:03}")).collect();
     let mut ix = fresh(&workers);
-    let hot = rng.tokens(512 * BS);
-    let shared: Vec<Vec<u32>> = (0..64).map(|_| rng.tokens(512 * BS)).collect();
+    let sys = rng.tokens(SYS * BS);
+    let mut hot = sys.clone();
+    hot.extend(rng.tokens((512 - SYS) * BS));
+    let shared: Vec<Vec<u32>> = (0..64).map(|_| rng.tokens((512 - SYS) * BS)).collect();
     let mut next = 1u64;
-    let mut store = |ix: &mut Index, w: &str, tokens: &[u32]| {
+    // Stores `tokens` chained from `parent`; returns the last block's hash.
+    let mut store = |ix: &mut Index, w: &str, parent: Option<u64>, tokens: &[u32]| {
         let hashes: Vec<u64> = (0..tokens.len() / BS)
             .map(|_| {
                 next += 1;
                 next.wrapping_mul(0x9e37_79b9_7f4a_7c15)
             })
             .collect();
-        let p = payload(0.0, &[Ev::Stored(hashes, None, tokens.to_vec())]);
+        let last = *hashes.last().unwrap();
+        let p = payload(0.0, &[Ev::Stored(hashes, parent, tokens.to_vec())]);
         let st = ix.apply(w, &p, None).unwrap();
         assert_eq!(st.skipped, 0);
+        last
     };
     for (i, w) in workers.iter().enumerate() {
+        let root = Some(store(&mut ix, w, None, &sys));
         if i < 150 {
-            store(&mut ix, w, &hot);
+            store(&mut ix, w, root, &hot[SYS * BS..]);
         } else if i < 210 {
-            let n = rng.range(1, 511);
-            store(&mut ix, w, &hot[..n * BS]);
+            let n = rng.range(SYS + 1, 511);
+            store(&mut ix, w, root, &hot[SYS * BS..n * BS]);
         }
         for _ in 0..8 {
-            store(&mut ix, w, &rng.tokens(512 * BS));
+            store(&mut ix, w, root, &rng.tokens((512 - SYS) * BS));
         }
-        store(&mut ix, w, &shared[i % shared.len()]);
+        store(&mut ix, w, root, &shared[i % shared.len()]);
     }
     (ix, hot)
 }
