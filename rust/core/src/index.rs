@@ -92,6 +92,65 @@ type EMap = HashTable<[u32; 3]>;
 
 const _: () = assert!(std::mem::size_of::<Block>() == 20);
 
+/// Blocks in fixed-size chunks: growth never copies more than one chunk
+/// (no long pause under the write lock), and at most one chunk is slack, so
+/// the reported memory stays within 1.3 MB of what is resident. The first
+/// chunk grows like a `Vec`, so small indexes stay small.
+#[derive(Default)]
+struct Slab {
+    chunks: Vec<Vec<Block>>,
+    len: usize,
+}
+
+const CHUNK_BITS: u32 = 16;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+impl Slab {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, b: Block) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK => c.push(b),
+            _ => {
+                let mut c = Vec::with_capacity(if self.chunks.is_empty() { 64 } else { CHUNK });
+                c.push(b);
+                self.chunks.push(c);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn get(&self, i: usize) -> Option<&Block> {
+        self.chunks.get(i >> CHUNK_BITS).and_then(|c| c.get(i & (CHUNK - 1)))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Block> {
+        self.chunks.iter().flat_map(|c| c.iter())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.capacity() * std::mem::size_of::<Block>()).sum::<usize>()
+            + self.chunks.capacity() * std::mem::size_of::<Vec<Block>>()
+    }
+}
+
+impl std::ops::Index<usize> for Slab {
+    type Output = Block;
+    #[inline]
+    fn index(&self, i: usize) -> &Block {
+        &self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slab {
+    #[inline]
+    fn index_mut(&mut self, i: usize) -> &mut Block {
+        &mut self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
+    }
+}
+
 fn split(key: u64) -> [u32; 2] {
     [key as u32, (key >> 32) as u32]
 }
@@ -208,7 +267,7 @@ impl<'q> Query<'q, 'static> {
 
 pub struct Index {
     capacity: Option<usize>,
-    blocks: Vec<Block>,
+    blocks: Slab,
     free_block: u32,
     /// LRU links `[towards more recent, towards less recent]` per slot;
     /// kept only under a capacity bound.
@@ -281,7 +340,7 @@ impl Index {
         }
         Ok(Index {
             capacity: capacity_blocks,
-            blocks: Vec::new(),
+            blocks: Slab::default(),
             free_block: NIL,
             links: Vec::new(),
             by_key: HashTable::new(),
@@ -954,7 +1013,7 @@ impl Index {
 
     fn memory_bytes(&self) -> usize {
         let mut n = std::mem::size_of::<Self>();
-        n += self.blocks.capacity() * std::mem::size_of::<Block>();
+        n += self.blocks.memory_bytes();
         n += self.links.capacity() * std::mem::size_of::<[u32; 2]>();
         n += self.by_key.allocation_size();
         n += self.pool.memory_bytes();
