@@ -56,7 +56,15 @@ use crate::prefix::{block_key, engine_key, namespace, Lora, Tier};
 use crate::wire::{self, Batch, Event, Mode, Stored, Value};
 
 const NIL: u32 = u32::MAX;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x01";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x02";
+
+/// A cheap digest that tells two batches with the same seq apart: the
+/// payload's length and first 64 bytes (the envelope's float timestamp and
+/// the start of the first event).
+pub fn payload_digest(payload: &[u8]) -> u64 {
+    let head = &payload[..payload.len().min(64)];
+    xxhash_rust::xxh3::xxh3_64_with_seed(head, payload.len() as u64)
+}
 
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
@@ -169,6 +177,8 @@ struct Worker {
     emap: EMap,
     held: u64,
     last_seq: Option<u64>,
+    /// Digest of the payload applied as `last_seq` (see [`payload_digest`]).
+    last_digest: u64,
     counters: WorkerCounters,
 }
 
@@ -403,6 +413,7 @@ impl Index {
             emap: HashTable::new(),
             held: 0,
             last_seq: None,
+            last_digest: 0,
             counters: WorkerCounters::default(),
         });
         let model = &mut self.models[m as usize];
@@ -433,6 +444,7 @@ impl Index {
         self.purge_slot(slot);
         let w = self.worker_mut(slot);
         w.last_seq = None;
+        w.last_digest = 0;
         w.counters.purges += 1;
         Ok(())
     }
@@ -453,6 +465,22 @@ impl Index {
 
     pub fn last_seq(&self, id: &str) -> Result<Option<u64>, IndexError> {
         Ok(self.worker(self.slot_of(id)?).last_seq)
+    }
+
+    /// The last applied seq and the digest of its payload (what a resumed
+    /// stream checks against the engine's replay).
+    pub fn position(&self, id: &str) -> Result<(Option<u64>, u64), IndexError> {
+        let w = self.worker(self.slot_of(id)?);
+        Ok((w.last_seq, w.last_digest))
+    }
+
+    /// Record the stream position (also for payloads that did not decode).
+    pub fn set_position(&mut self, id: &str, seq: Option<u64>, digest: u64) -> Result<(), IndexError> {
+        let slot = self.slot_of(id)?;
+        let w = self.worker_mut(slot);
+        w.last_seq = seq;
+        w.last_digest = digest;
+        Ok(())
     }
 
     pub fn worker_stats(&self, id: &str) -> Result<WorkerStats, IndexError> {
@@ -1157,6 +1185,7 @@ impl Index {
             put_u32(&mut body, w.model);
             put_u64(&mut body, w.last_seq.map_or(u64::MAX, |s| s));
             body.push(u8::from(w.last_seq.is_some()));
+            put_u64(&mut body, w.last_digest);
             put_u64(&mut body, w.counters.purges);
             put_u32(&mut body, w.emap.len() as u32);
             for e in &w.emap {
@@ -1229,12 +1258,14 @@ impl Index {
             let model = model_names.get(m).ok_or_else(|| bad("worker names an unknown model"))?.clone();
             let seq = r.u64()?;
             let has_seq = r.u8()? != 0;
+            let digest = r.u64()?;
             let purges = r.u64()?;
             ix.add_worker(&id, &model)?;
             let ws = ix.slot_of(&id)?;
             {
                 let w = ix.worker_mut(ws);
                 w.last_seq = has_seq.then_some(seq);
+                w.last_digest = digest;
                 w.counters.purges = purges;
             }
             let ne = r.u32()?;

@@ -6,9 +6,11 @@ pub mod error;
 pub mod holders;
 pub mod index;
 pub mod prefix;
+pub mod stream;
 pub mod wire;
 
 pub use error::{DecodeError, IndexError};
-pub use index::{ApplyStats, Index, Query, Stats, WorkerCounters, WorkerStats};
+pub use index::{payload_digest, ApplyStats, Index, Query, Stats, WorkerCounters, WorkerStats};
 pub use prefix::{Lora, Tier};
+pub use stream::{State, Stream, StreamConfig, StreamCounters, Todo};
 pub use wire::{decode, Batch, EngineHash, Event, Mode, Value};
