@@ -484,10 +484,8 @@ mod tests {
         enc::write_f64(&mut b, ts).unwrap();
         enc::write_array_len(&mut b, 1).unwrap();
         enc::write_map_len(&mut b, 5).unwrap();
-        for (k, v) in [("type", "BlockStored")] {
-            enc::write_str(&mut b, k).unwrap();
-            enc::write_str(&mut b, v).unwrap();
-        }
+        enc::write_str(&mut b, "type").unwrap();
+        enc::write_str(&mut b, "BlockStored").unwrap();
         enc::write_str(&mut b, "block_hashes").unwrap();
         enc::write_array_len(&mut b, 1).unwrap();
         enc::write_uint(&mut b, h).unwrap();
