@@ -11,17 +11,22 @@ from kvsync._core import (
     Event,
     Index,
     SnapshotError,
+    WorkerStatus,
     __version__,
     decode,
 )
+from kvsync.transport import EventManager, Pod
 
 __all__ = [
     "ApplyStats",
     "Batch",
     "DecodeError",
     "Event",
+    "EventManager",
     "Index",
+    "Pod",
     "SnapshotError",
+    "WorkerStatus",
     "__version__",
     "decode",
 ]

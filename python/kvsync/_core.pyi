@@ -121,3 +121,49 @@ class Batch:
     unknown_events: int
 
 def decode(payload: bytes) -> Batch: ...
+
+@final
+class WorkerStatus:
+    """State and counters of one worker's event stream."""
+
+    worker: str
+    state: str
+    last_seq: int | None
+    batches: int
+    events: int
+    gaps: int
+    replays: int
+    lost_batches: int
+    resets: int
+    malformed: int
+    duplicates: int
+    purges: int
+    timeouts: int
+    buffered: int
+    seconds_since_last_event: float | None
+
+@final
+class Streams:
+    """Stream state machines of a set of workers, applying into one index."""
+
+    def __init__(self, index: Index) -> None: ...
+    def add(
+        self,
+        worker_id: str,
+        model: str,
+        now: float = 0.0,
+        replay: bool = True,
+        replay_timeout: float = 2.0,
+        clean_secs: float = 10.0,
+        max_buffered: int = 100_000,
+    ) -> None: ...
+    def start(self, worker_id: str, now: float) -> int | None: ...
+    def remove(self, worker_id: str) -> bool: ...
+    def workers(self) -> list[str]: ...
+    def live(self, worker_id: str, seq: bytes, payload: bytes, now: float) -> int | None: ...
+    def replayed(self, worker_id: str, seq: bytes, payload: bytes, now: float) -> int | None: ...
+    def replay_end(self, worker_id: str, now: float) -> int | None: ...
+    def reconnected(self, worker_id: str, now: float) -> int | None: ...
+    def tick(self, now: float) -> list[tuple[str, int]]: ...
+    def stop(self, worker_id: str) -> None: ...
+    def status(self, now: float) -> dict[str, WorkerStatus]: ...

@@ -138,7 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-file", action="store_true", help="apply each file as its own worker")
     p.add_argument("-v", "--verbose", action="store_true", help="print every field of every event")
     p.set_defaults(func=cmd_inspect)
+    from kvsync import sim
+
+    ps = sub.add_parser(
+        "sim",
+        help="run an engine simulator (PUB + replay ROUTER + JSON control socket)",
+        description=sim.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sim.build_parser(ps)
+    ps.set_defaults(func=cmd_sim)
     return parser
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from kvsync import sim
+
+    simulator = sim.Simulator(args)
+    simulator.rate = args.rate
+    try:
+        simulator.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        simulator.close()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -253,7 +253,8 @@ impl Stream {
         if self.state == State::Stopped {
             return Ok(Todo::default());
         }
-        if self.state == State::Replaying {
+        // Before `start` (history not fetched yet) live messages wait too.
+        if self.state == State::Replaying || (self.state == State::Connecting && self.config.replay) {
             if self.last.is_some_and(|l| seq <= l) {
                 self.counters.duplicates += 1;
             } else {
@@ -461,6 +462,12 @@ impl Stream {
         self.incident(now);
         self.state = State::Degraded;
         Ok(Todo::default())
+    }
+
+    /// A message whose frames were not well-formed (e.g. a seq frame that is
+    /// not 8 bytes): counted, nothing else.
+    pub fn malformed_frame(&mut self) {
+        self.counters.malformed += 1;
     }
 
     pub fn stop(&mut self) {

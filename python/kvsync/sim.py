@@ -1,0 +1,490 @@
+"""Engine simulator: a stand-in for a vLLM/SGLang engine's KV event publisher.
+
+Runs as its own process (``kvsync sim`` or ``python -m kvsync.sim``). Each
+data-parallel rank has a real block pool (block size, capacity, LRU
+eviction of unreferenced blocks, prefix sharing across requests) fed by a
+synthetic multi-tenant workload: tenants with shared system prompts and
+multi-turn conversations. It publishes exactly what the engines put on the
+wire (SPEC section 1): live ``[topic, seq, payload]`` on a PUB socket, a
+replay ROUTER answering ``[b"", start]`` with 3- or 4-frame replies and the
+end marker, array-form or map-form events.
+
+A REP control socket takes JSON commands, answered with JSON:
+
+- ``{"op": "step", "n": k}``: run k workload steps (one batch each), per rank;
+- ``{"op": "truth"}``: the blocks each rank holds now, as token prefixes;
+- ``{"op": "drop", "n": k}``: do not send the next k live batches (they stay
+  in the replay buffer, as when a subscriber misses them);
+- ``{"op": "restart"}``: like an engine restart: sockets closed and bound
+  again, seq back to 0, cache emptied, new engine hash seed;
+- ``{"op": "clear"}``: publish AllBlocksCleared and empty the cache;
+- ``{"op": "malformed"}``: publish a payload that is not a KVEventBatch;
+- ``{"op": "run", "rate": r}`` / ``{"op": "pause"}``: publish continuously at
+  r batches/s per rank, or stop doing so;
+- ``{"op": "stats"}``, ``{"op": "ping"}``, ``{"op": "stop"}``.
+
+When started it prints one JSON line with its ports to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+END_SEQ = b"\xff" * 8
+MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class Workload:
+    """Synthetic multi-tenant traffic: each tenant has a system prompt; a
+    conversation is the system prompt plus its turns so far."""
+
+    rng: random.Random
+    block_size: int
+    tenants: int = 4
+    system_blocks: tuple[int, int] = (4, 16)
+    turn_tokens: tuple[int, int] = (8, 96)
+    vocab: int = 32_000
+    conversations: list[list[int]] = field(default_factory=list)
+    systems: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for _ in range(self.tenants):
+            n = self.rng.randint(*self.system_blocks) * self.block_size
+            self.systems.append([self.rng.randrange(self.vocab) for _ in range(n)])
+
+    def next_prompt(self) -> list[int]:
+        """A new conversation (30%) or the next turn of an existing one."""
+        if not self.conversations or self.rng.random() < 0.3 or len(self.conversations) < 2:
+            conv = list(self.rng.choice(self.systems))
+            self.conversations.append(conv)
+            if len(self.conversations) > 64:
+                self.conversations.pop(0)
+        else:
+            conv = self.rng.choice(self.conversations)
+        conv.extend(self.rng.randrange(self.vocab) for _ in range(self.rng.randint(*self.turn_tokens)))
+        if len(conv) > 64 * self.block_size:
+            del conv[len(self.systems[0]) :]
+        return list(conv)
+
+
+class BlockPool:
+    """A prefix cache of fixed-size blocks with LRU eviction, as in vLLM:
+    a block is named by a chained hash of its tokens (seeded per engine
+    process), and the events say what was stored and evicted."""
+
+    def __init__(self, block_size: int, capacity: int, seed: int) -> None:
+        self.block_size = block_size
+        self.capacity = capacity
+        self.seed = seed
+        # engine hash -> (token prefix of the whole chain up to this block)
+        self.blocks: collections.OrderedDict[int, tuple[int, ...]] = collections.OrderedDict()
+
+    def _hash(self, parent: int | None, tokens: Sequence[int]) -> int:
+        return hash((self.seed, parent, tuple(tokens))) & MASK64
+
+    def request(self, prompt: Sequence[int]) -> list[dict[str, Any]]:
+        """Serve a prompt: reuse its cached prefix, store the rest; returns
+        the events (removals first, then the store)."""
+        bs = self.block_size
+        events: list[dict[str, Any]] = []
+        parent: int | None = None
+        hashes: list[int] = []
+        for i in range(len(prompt) // bs):
+            h = self._hash(parent, prompt[i * bs : (i + 1) * bs])
+            hashes.append(h)
+            parent = h
+        cached = 0
+        while cached < len(hashes) and hashes[cached] in self.blocks:
+            cached += 1
+        new = hashes[cached:]
+        # Make room: evict least recently used blocks not in this prompt.
+        keep = set(hashes[:cached])
+        evicted = []
+        while len(self.blocks) + len(new) > self.capacity and self.blocks:
+            victim = next((h for h in self.blocks if h not in keep), None)
+            if victim is None:
+                break
+            del self.blocks[victim]
+            evicted.append(victim)
+        for h in evicted:
+            events.append({"type": "BlockRemoved", "block_hashes": [h], "medium": "GPU"})
+        room = max(0, self.capacity - len(self.blocks))
+        new = new[:room]
+        if new:
+            events.append(
+                {
+                    "type": "BlockStored",
+                    "block_hashes": new,
+                    "parent_block_hash": hashes[cached - 1] if cached else None,
+                    "token_ids": list(prompt[cached * bs : (cached + len(new)) * bs]),
+                    "block_size": bs,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                }
+            )
+        for i in range(cached + len(new)):
+            self.blocks[hashes[i]] = tuple(prompt[: (i + 1) * bs])
+        # Touch tail first so that, later, the tail is evicted before its prefix.
+        for i in reversed(range(cached + len(new))):
+            self.blocks.move_to_end(hashes[i])
+        return events
+
+    def truth(self) -> list[list[int]]:
+        return [list(t) for t in self.blocks.values()]
+
+
+ARRAY_FIELDS = {
+    "BlockStored": [
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "lora_name",
+    ],
+    "BlockRemoved": ["block_hashes", "medium"],
+    "AllBlocksCleared": [],
+}
+
+
+def encode_batch(events: list[dict[str, Any]], form: str, rank: int | None) -> bytes:
+    """A KVEventBatch as the engines encode it: envelope array, events as
+    arrays (vLLM <= 0.23) or maps (>= 0.24)."""
+    out: list[Any] = []
+    for ev in events:
+        if form == "array":
+            out.append([ev["type"], *(ev.get(f) for f in ARRAY_FIELDS[ev["type"]])])
+        else:
+            out.append(ev)
+    payload: bytes = msgpack.packb([time.time(), out, rank])
+    return payload
+
+
+class Rank:
+    """One data-parallel rank: a block pool and its two sockets."""
+
+    def __init__(self, sim: Simulator, rank: int) -> None:
+        self.sim = sim
+        self.rank = rank
+        self.seq = 0
+        self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=sim.args.buffer)
+        self.pool = BlockPool(sim.args.block_size, sim.args.capacity, sim.rng.getrandbits(63))
+        self.workload = Workload(random.Random(sim.args.seed * 1000 + rank), sim.args.block_size)
+        self.pub: zmq.Socket[bytes] | None = None
+        self.router: zmq.Socket[bytes] | None = None
+
+    def bind(self) -> None:
+        ctx = self.sim.ctx
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 0)
+        self.pub.bind(f"tcp://{self.sim.args.host}:{self.sim.pub_port + self.rank}")
+        if self.sim.replay_port is not None:
+            self.router = ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.bind(f"tcp://{self.sim.args.host}:{self.sim.replay_port + self.rank}")
+
+    def close(self) -> None:
+        for s in (self.pub, self.router):
+            if s is not None:
+                s.close(linger=0)
+        self.pub = self.router = None
+
+    def publish(self, payload: bytes) -> None:
+        seq = self.seq
+        self.seq += 1
+        self.buffer.append((seq, payload))
+        if self.sim.drop > 0:
+            self.sim.drop -= 1
+            return
+        assert self.pub is not None
+        self.pub.send_multipart([self.sim.topic, seq.to_bytes(8, "big"), payload])
+
+    def step(self) -> None:
+        events = self.pool.request(self.workload.next_prompt())
+        self.publish(encode_batch(events, self.sim.args.form, self.rank))
+
+    def answer_replay(self) -> None:
+        assert self.router is not None
+        frames = self.router.recv_multipart()
+        if len(frames) != 3 or len(frames[2]) != 8:
+            return  # the engines ignore malformed requests
+        ident, start = frames[0], int.from_bytes(frames[2], "big")
+        for seq, payload in list(self.buffer):
+            if seq >= start:
+                self.router.send_multipart(self._reply(ident, seq.to_bytes(8, "big"), payload))
+        self.router.send_multipart(self._reply(ident, END_SEQ, b""))
+
+    def _reply(self, ident: bytes, seq: bytes, payload: bytes) -> list[bytes]:
+        if self.sim.args.replay_frames == 4:
+            return [ident, b"", self.sim.topic, seq, payload]
+        return [ident, b"", seq, payload]
+
+
+class Simulator:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.topic = args.topic.encode()
+        self.drop = 0
+        self.rate = 0.0
+        self.pub_port, self.replay_port = args.port, args.replay_port
+        if args.no_replay:
+            self.replay_port = None
+        self.ranks = [Rank(self, r) for r in range(args.dp_size)]
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control_port = self.control.bind_to_random_port(f"tcp://{args.host}")
+        self._bind_all()
+
+    def _bind_all(self) -> None:
+        """Bind every rank on consecutive ports; with port 0, pick a free
+        random base."""
+        fixed = self.args.port != 0
+        for _ in range(1 if fixed else 100):
+            if not fixed:
+                base = random.randrange(20_000, 60_000, 2 * len(self.ranks) + 2)
+                self.pub_port = base
+                if self.replay_port is not None:
+                    self.replay_port = base + len(self.ranks)
+            try:
+                for r in self.ranks:
+                    r.bind()
+                return
+            except zmq.ZMQError:
+                for r in self.ranks:
+                    r.close()
+                if fixed:
+                    raise
+        raise RuntimeError("no free ports for the simulator")
+
+    def restart(self) -> None:
+        for r in self.ranks:
+            r.close()
+        self.ranks = [Rank(self, r) for r in range(self.args.dp_size)]
+        # zmq closes sockets asynchronously: the ports may stay busy briefly.
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                for r in self.ranks:
+                    r.bind()
+                return
+            except zmq.ZMQError:
+                for r in self.ranks:
+                    r.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        op = cmd.get("op")
+        if op == "ping":
+            return {"ok": True}
+        if op == "step":
+            for _ in range(int(cmd.get("n", 1))):
+                for r in self.ranks:
+                    r.step()
+            return {"ok": True, "seq": [r.seq - 1 for r in self.ranks]}
+        if op == "truth":
+            return {
+                "ok": True,
+                "block_size": self.args.block_size,
+                "ranks": [r.pool.truth() for r in self.ranks],
+                "seq": [r.seq - 1 for r in self.ranks],
+            }
+        if op == "drop":
+            self.drop += int(cmd.get("n", 1))
+            return {"ok": True}
+        if op == "restart":
+            self.restart()
+            return {"ok": True}
+        if op == "clear":
+            for r in self.ranks:
+                r.pool.blocks.clear()
+                r.publish(encode_batch([{"type": "AllBlocksCleared"}], self.args.form, r.rank))
+            return {"ok": True}
+        if op == "malformed":
+            for r in self.ranks:
+                r.publish(b"\x93\xcb\x00not msgpack")
+            return {"ok": True}
+        if op == "run":
+            self.rate = float(cmd.get("rate", 100.0))
+            return {"ok": True}
+        if op == "pause":
+            self.rate = 0.0
+            return {"ok": True}
+        if op == "stats":
+            return {
+                "ok": True,
+                "seq": [r.seq - 1 for r in self.ranks],
+                "blocks": [len(r.pool.blocks) for r in self.ranks],
+            }
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def serve(self) -> None:
+        print(
+            json.dumps(
+                {
+                    "pub_port": self.pub_port,
+                    "replay_port": self.replay_port,
+                    "control_port": self.control_port,
+                    "pid": os.getpid(),
+                }
+            ),
+            flush=True,
+        )
+        next_step = time.monotonic()
+        while True:
+            poller = zmq.Poller()
+            poller.register(self.control, zmq.POLLIN)
+            for r in self.ranks:
+                if r.router is not None:
+                    poller.register(r.router, zmq.POLLIN)
+            timeout = 100.0
+            if self.rate > 0:
+                timeout = max(0.0, (next_step - time.monotonic()) * 1000)
+            for sock, _ in poller.poll(timeout):
+                if sock is self.control:
+                    cmd = json.loads(self.control.recv())
+                    if cmd.get("op") == "stop":
+                        self.control.send(json.dumps({"ok": True}).encode())
+                        return
+                    self.control.send(json.dumps(self.handle(cmd)).encode())
+                else:
+                    for r in self.ranks:
+                        if sock is r.router:
+                            r.answer_replay()
+            if self.rate > 0 and time.monotonic() >= next_step:
+                for r in self.ranks:
+                    r.step()
+                next_step = max(next_step + 1.0 / self.rate, time.monotonic() - 1.0)
+
+    def close(self) -> None:
+        for r in self.ranks:
+            r.close()
+        self.control.close(linger=0)
+        self.ctx.term()
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="kvsync sim", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=0, help="PUB port of rank 0 (0: a free random one)")
+    p.add_argument("--replay-port", type=int, default=0, help="replay port of rank 0")
+    p.add_argument("--no-replay", action="store_true", help="no replay endpoint")
+    p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (consecutive ports)")
+    p.add_argument("--topic", default="", help="topic frame of every message")
+    p.add_argument("--form", choices=["map", "array"], default="map", help="event encoding")
+    p.add_argument("--replay-frames", type=int, choices=[3, 4], default=4, help="replay reply layout")
+    p.add_argument("--buffer", type=int, default=10_000, help="batches kept for replay")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--capacity", type=int, default=4096, help="KV cache capacity in blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate", type=float, default=0.0, help="batches/s per rank from the start")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sim = Simulator(args)
+    sim.rate = args.rate
+    try:
+        sim.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.close()
+    return 0
+
+
+class SimProcess:
+    """A simulator in a child process, driven over its control socket (for
+    tests, benchmarks and the demo). Every request has a deadline."""
+
+    def __init__(self, *args: str, timeout: float = 20.0) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvsync.sim", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self._readline(timeout)
+        info = json.loads(line)
+        self.pub_port: int = info["pub_port"]
+        self.replay_port: int | None = info["replay_port"]
+        self.control_port: int = info["control_port"]
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self._connect()
+
+    def _readline(self, timeout: float) -> str:
+        import selectors
+
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.proc.kill()
+            raise TimeoutError("simulator did not start")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"simulator exited with {self.proc.wait(5)}")
+        return line
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        s = self.ctx.socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, int(self.timeout * 1000))
+        s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+        s.connect(f"tcp://127.0.0.1:{self.control_port}")
+        return s
+
+    def request(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.sock.send(json.dumps({"op": op, **kw}).encode())
+        reply: dict[str, Any] = json.loads(self.sock.recv())
+        if not reply.get("ok"):
+            raise RuntimeError(f"simulator: {reply.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request("stop")
+            except (zmq.ZMQError, RuntimeError):
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.sock.close(linger=0)
+        self.ctx.term()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> SimProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
