@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+
 from kvsync.cli import main, sample_paths
 
 from .conftest import WIRE

@@ -11,9 +11,10 @@ import threading
 import time
 from array import array
 
-import kvsync
 import msgpack
 import pytest
+
+import kvsync
 
 BS = 16
 BLOCKS = 32

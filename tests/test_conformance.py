@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import kvsync
 import pytest
+
+import kvsync
 
 from .conftest import MISSING_SHARED, WIRE, load_manifest
 

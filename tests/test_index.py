@@ -6,10 +6,11 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-import kvsync
 import msgpack
 import numpy as np
 import pytest
+
+import kvsync
 
 BS = 4
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import kvsync
 import msgpack
 import pytest
 from hypothesis import event as label
 from hypothesis import given, note, target
 from hypothesis import strategies as st
+
+import kvsync
 
 from .model import TIERS, ModelIndex
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -75,7 +76,9 @@ class Workload:
                 self.conversations.pop(0)
         else:
             conv = self.rng.choice(self.conversations)
-        conv.extend(self.rng.randrange(self.vocab) for _ in range(self.rng.randint(*self.turn_tokens)))
+        conv.extend(
+            self.rng.randrange(self.vocab) for _ in range(self.rng.randint(*self.turn_tokens))
+        )
         if len(conv) > 64 * self.block_size:
             del conv[len(self.systems[0]) :]
         return list(conv)
@@ -183,7 +186,9 @@ class Rank:
         self.sim = sim
         self.rank = rank
         self.seq = 0
-        self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=sim.args.buffer)
+        self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(
+            maxlen=sim.args.buffer
+        )
         self.pool = BlockPool(sim.args.block_size, sim.args.capacity, sim.rng.getrandbits(63))
         self.workload = Workload(random.Random(sim.args.seed * 1000 + rank), sim.args.block_size)
         self.pub: zmq.Socket[bytes] | None = None
@@ -360,7 +365,7 @@ class Simulator:
             timeout = 100.0
             if self.rate > 0:
                 timeout = max(0.0, (next_step - time.monotonic()) * 1000)
-            for sock, _ in poller.poll(timeout):
+            for sock, _ in poller.poll(int(timeout)):
                 if sock is self.control:
                     cmd = json.loads(self.control.recv())
                     if cmd.get("op") == "stop":
@@ -392,7 +397,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (consecutive ports)")
     p.add_argument("--topic", default="", help="topic frame of every message")
     p.add_argument("--form", choices=["map", "array"], default="map", help="event encoding")
-    p.add_argument("--replay-frames", type=int, choices=[3, 4], default=4, help="replay reply layout")
+    p.add_argument(
+        "--replay-frames", type=int, choices=[3, 4], default=4, help="replay reply layout"
+    )
     p.add_argument("--buffer", type=int, default=10_000, help="batches kept for replay")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--capacity", type=int, default=4096, help="KV cache capacity in blocks")
@@ -449,7 +456,7 @@ class SimProcess:
         return line
 
     def _connect(self) -> zmq.Socket[bytes]:
-        s = self.ctx.socket(zmq.REQ)
+        s: zmq.Socket[bytes] = self.ctx.socket(zmq.REQ)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVTIMEO, int(self.timeout * 1000))
         s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
@@ -465,10 +472,8 @@ class SimProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(zmq.ZMQError, RuntimeError):
                 self.request("stop")
-            except (zmq.ZMQError, RuntimeError):
-                pass
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:

@@ -307,9 +307,9 @@ class EventManager:
                     if entry is not None:
                         self._on_readable(entry[0], entry[1], now)
                 for wid, start in self._streams.tick(time.monotonic()):
-                    w = self._workers.get(wid)
-                    if w is not None:
-                        self._request_replay(w, start)
+                    due = self._workers.get(wid)
+                    if due is not None:
+                        self._request_replay(due, start)
         except BaseException:
             log.exception("kvsync I/O thread failed")
             raise

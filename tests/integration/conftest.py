@@ -97,6 +97,8 @@ def assert_index_is_truth(
         want = expected_depth(p, held, bs)
         got = index.match(MODEL, p)[worker]
         if exact:
-            assert got == want, f"{worker}: prefix of {len(p) // bs} blocks matched {got}, engine holds {want}"
+            assert got == want, (
+                f"{worker}: prefix of {len(p) // bs} blocks matched {got}, engine holds {want}"
+            )
         else:
             assert got <= want, f"{worker}: false positive ({got} > {want})"
