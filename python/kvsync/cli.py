@@ -148,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.build_parser(ps)
     ps.set_defaults(func=cmd_sim)
+    from kvsync import demo
+
+    pd = sub.add_parser(
+        "demo",
+        help="route a synthetic workload over simulated engines: kvsync vs random vs oracle",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.build_parser(pd)
+    pd.set_defaults(func=demo.run)
     return parser
 
 

@@ -12,6 +12,8 @@ end marker, array-form or map-form events.
 A REP control socket takes JSON commands, answered with JSON:
 
 - ``{"op": "step", "n": k}``: run k workload steps (one batch each), per rank;
+- ``{"op": "serve", "prompt": [...], "rank": r}``: serve one request (the
+  demo's router sends these); answers how many of its blocks were cached;
 - ``{"op": "truth"}``: the blocks each rank holds now, as token prefixes;
 - ``{"op": "drop", "n": k}``: do not send the next k live batches (they stay
   in the replay buffer, as when a subscriber misses them);
@@ -95,24 +97,41 @@ class BlockPool:
         self.seed = seed
         # engine hash -> (token prefix of the whole chain up to this block)
         self.blocks: collections.OrderedDict[int, tuple[int, ...]] = collections.OrderedDict()
+        self.last_hit = 0
 
     def _hash(self, parent: int | None, tokens: Sequence[int]) -> int:
         return hash((self.seed, parent, tuple(tokens))) & MASK64
 
-    def request(self, prompt: Sequence[int]) -> list[dict[str, Any]]:
-        """Serve a prompt: reuse its cached prefix, store the rest; returns
-        the events (removals first, then the store)."""
+    def _hashes(self, prompt: Sequence[int]) -> list[int]:
         bs = self.block_size
-        events: list[dict[str, Any]] = []
         parent: int | None = None
         hashes: list[int] = []
         for i in range(len(prompt) // bs):
             h = self._hash(parent, prompt[i * bs : (i + 1) * bs])
             hashes.append(h)
             parent = h
+        return hashes
+
+    def cached_prefix(self, prompt: Sequence[int]) -> int:
+        """Leading full blocks of `prompt` in the cache (the ground truth)."""
+        n = 0
+        for h in self._hashes(prompt):
+            if h not in self.blocks:
+                break
+            n += 1
+        return n
+
+    def request(self, prompt: Sequence[int]) -> list[dict[str, Any]]:
+        """Serve a prompt: reuse its cached prefix, store the rest; returns
+        the events (removals first, then the store). `last_hit` is the
+        number of blocks that were cached."""
+        bs = self.block_size
+        events: list[dict[str, Any]] = []
+        hashes = self._hashes(prompt)
         cached = 0
         while cached < len(hashes) and hashes[cached] in self.blocks:
             cached += 1
+        self.last_hit = cached
         new = hashes[cached:]
         # Make room: evict least recently used blocks not in this prompt.
         keep = set(hashes[:cached])
@@ -307,6 +326,15 @@ class Simulator:
                 for r in self.ranks:
                     r.step()
             return {"ok": True, "seq": [r.seq - 1 for r in self.ranks]}
+        if op == "serve":
+            r = self.ranks[int(cmd.get("rank", 0))]
+            prompt = [int(t) for t in cmd["prompt"]]
+            r.publish(encode_batch(r.pool.request(prompt), self.args.form, r.rank))
+            return {
+                "ok": True,
+                "hit": r.pool.last_hit,
+                "blocks": len(prompt) // self.args.block_size,
+            }
         if op == "truth":
             return {
                 "ok": True,
