@@ -995,7 +995,14 @@ impl Streams {
     }
 
     /// A live message `[topic, seq, payload]`.
-    fn live(&self, py: Python<'_>, worker_id: &str, seq: &[u8], payload: PyBackedBytes, now: f64) -> PyResult<Option<u64>> {
+    fn live(
+        &self,
+        py: Python<'_>,
+        worker_id: &str,
+        seq: &[u8],
+        payload: PyBackedBytes,
+        now: f64,
+    ) -> PyResult<Option<u64>> {
         let data: &[u8] = &payload;
         let Some(seq) = seq_of(seq) else {
             return self.with(py, worker_id, |s, _| {
@@ -1008,7 +1015,14 @@ impl Streams {
 
     /// A replay reply `(seq, payload)`; the end marker is passed to
     /// `replay_end` instead.
-    fn replayed(&self, py: Python<'_>, worker_id: &str, seq: &[u8], payload: PyBackedBytes, now: f64) -> PyResult<Option<u64>> {
+    fn replayed(
+        &self,
+        py: Python<'_>,
+        worker_id: &str,
+        seq: &[u8],
+        payload: PyBackedBytes,
+        now: f64,
+    ) -> PyResult<Option<u64>> {
         let data: &[u8] = &payload;
         let Some(seq) = seq_of(seq) else {
             return self.with(py, worker_id, |s, _| {
