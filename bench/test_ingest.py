@@ -19,8 +19,9 @@ from array import array
 from collections import defaultdict
 from typing import Any
 
-import kvsync
 import pytest
+
+import kvsync
 
 from .plain import PlainIndex
 from .workloads import MODEL, IngestWorkload

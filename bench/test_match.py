@@ -15,9 +15,10 @@ import time
 from array import array
 from typing import Any
 
-import kvsync
 import numpy as np
 import pytest
+
+import kvsync
 
 from .workloads import MODEL, VOCAB, MatchWorkload, build_holdings, worker_ids
 
