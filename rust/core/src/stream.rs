@@ -268,6 +268,11 @@ impl Stream {
         let Some(last) = self.last else {
             // First message of a stream without replay (or after a purge
             // that went on from the live stream): take it as the start.
+            if !self.config.replay && seq > 0 {
+                // Joined late with no way to fetch what came before.
+                self.counters.lost += seq;
+                self.incident(now);
+            }
             self.apply(ix, worker, seq, payload, now)?;
             self.settle(now);
             return Ok(Todo::default());
@@ -688,14 +693,17 @@ mod tests {
     fn without_replay_endpoint_a_gap_purges() {
         let (mut ix, mut s) = setup(false);
         assert_eq!(s.start(&mut ix, "w", 0.0).unwrap().replay_from, None);
-        // late join: the first message is taken as the start
+        // late join: the first message is taken as the start, the earlier
+        // batches are reported lost
         s.live(&mut ix, "w", 5, &store(5.0, 1, None), 0.0).unwrap();
         s.live(&mut ix, "w", 6, &store(6.0, 2, Some(1)), 0.0).unwrap();
-        assert_eq!((s.state(), depth(&ix)), (State::Live, 2));
-        s.live(&mut ix, "w", 9, &store(9.0, 3, Some(2)), 1.0).unwrap();
+        assert_eq!((s.state(), depth(&ix), s.counters().lost), (State::Degraded, 2, 5));
+        s.tick(&mut ix, "w", 5.0).unwrap();
+        assert_eq!(s.state(), State::Live);
+        s.live(&mut ix, "w", 9, &store(9.0, 3, Some(2)), 6.0).unwrap();
         assert_eq!(s.state(), State::Degraded);
         let c = s.counters();
-        assert_eq!((c.gaps, c.lost, c.purges), (1, 2, 1));
+        assert_eq!((c.gaps, c.lost, c.purges), (1, 7, 1));
         assert_eq!(depth(&ix), 0);
         // and a reconnect cannot be checked: purge
         s.reconnected(&mut ix, "w", 2.0).unwrap();
