@@ -278,25 +278,31 @@ class Simulator:
         self.control_port = self.control.bind_to_random_port(f"tcp://{args.host}")
         self._bind_all()
 
+    def _try_bind(self) -> bool:
+        """Bind every rank; on failure close what was bound."""
+        try:
+            for r in self.ranks:
+                r.bind()
+            return True
+        except zmq.ZMQError:
+            for r in self.ranks:
+                r.close()
+            return False
+
     def _bind_all(self) -> None:
         """Bind every rank on consecutive ports; with port 0, pick a free
         random base."""
-        fixed = self.args.port != 0
-        for _ in range(1 if fixed else 100):
-            if not fixed:
-                base = random.randrange(20_000, 60_000, 2 * len(self.ranks) + 2)
-                self.pub_port = base
-                if self.replay_port is not None:
-                    self.replay_port = base + len(self.ranks)
-            try:
-                for r in self.ranks:
-                    r.bind()
+        if self.args.port != 0:
+            if not self._try_bind():
+                raise RuntimeError(f"cannot bind the simulator's ports at {self.args.port}")
+            return
+        for _ in range(100):
+            base = random.randrange(20_000, 60_000, 2 * len(self.ranks) + 2)
+            self.pub_port = base
+            if self.replay_port is not None:
+                self.replay_port = base + len(self.ranks)
+            if self._try_bind():
                 return
-            except zmq.ZMQError:
-                for r in self.ranks:
-                    r.close()
-                if fixed:
-                    raise
         raise RuntimeError("no free ports for the simulator")
 
     def restart(self) -> None:
@@ -305,17 +311,10 @@ class Simulator:
         self.ranks = [Rank(self, r) for r in range(self.args.dp_size)]
         # zmq closes sockets asynchronously: the ports may stay busy briefly.
         deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                for r in self.ranks:
-                    r.bind()
-                return
-            except zmq.ZMQError:
-                for r in self.ranks:
-                    r.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        while not self._try_bind():
+            if time.monotonic() > deadline:
+                raise RuntimeError("ports still busy 5 s after the restart")
+            time.sleep(0.01)
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd.get("op")

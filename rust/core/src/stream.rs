@@ -528,6 +528,15 @@ mod tests {
         (ix, Stream::new(cfg, None, None))
     }
 
+    /// Start the stream and replay the engine's first `n` batches.
+    fn started(ix: &mut Index, s: &mut Stream, n: u64) {
+        s.start(ix, "w", 0.0).unwrap();
+        for seq in 0..n {
+            s.replayed(ix, "w", seq, &batch(seq), 0.0).unwrap();
+        }
+        s.replay_end(ix, "w", 0.0).unwrap();
+    }
+
     /// Leading blocks of the chain 1, 2, 3, ... held by the worker.
     fn depth(ix: &Index) -> u32 {
         let tokens: Vec<u32> = (1..=40).flat_map(|h| [h, h]).collect();
@@ -578,11 +587,7 @@ mod tests {
     #[test]
     fn gap_beyond_the_engine_buffer_purges_and_degrades() {
         let (mut ix, mut s) = setup(true);
-        s.start(&mut ix, "w", 0.0).unwrap();
-        for seq in 0..3 {
-            s.replayed(&mut ix, "w", seq, &batch(seq), 0.0).unwrap();
-        }
-        s.replay_end(&mut ix, "w", 0.0).unwrap();
+        started(&mut ix, &mut s, 3);
         assert_eq!(s.live(&mut ix, "w", 9, &batch(9), 1.0).unwrap().replay_from, Some(3));
         // the engine only has 7.. left
         for seq in 7..10 {
@@ -604,11 +609,7 @@ mod tests {
     #[test]
     fn regression_means_restart_purge_and_replay_from_zero() {
         let (mut ix, mut s) = setup(true);
-        s.start(&mut ix, "w", 0.0).unwrap();
-        for seq in 0..4 {
-            s.replayed(&mut ix, "w", seq, &batch(seq), 0.0).unwrap();
-        }
-        s.replay_end(&mut ix, "w", 0.0).unwrap();
+        started(&mut ix, &mut s, 4);
         assert_eq!(depth(&ix), 4);
         // restarted engine, new history: seq 0 stores block 100
         let fresh = store(50.0, 100, None);
@@ -624,11 +625,7 @@ mod tests {
     #[test]
     fn idle_restart_is_found_by_the_reconnect_probe() {
         let (mut ix, mut s) = setup(true);
-        s.start(&mut ix, "w", 0.0).unwrap();
-        for seq in 0..3 {
-            s.replayed(&mut ix, "w", seq, &batch(seq), 0.0).unwrap();
-        }
-        s.replay_end(&mut ix, "w", 0.0).unwrap();
+        started(&mut ix, &mut s, 3);
         // reconnect; the restarted engine has nothing buffered
         assert_eq!(s.reconnected(&mut ix, "w", 1.0).unwrap().replay_from, Some(2));
         assert_eq!(s.replay_end(&mut ix, "w", 1.1).unwrap().replay_from, Some(0));
@@ -640,11 +637,7 @@ mod tests {
     #[test]
     fn reconnect_probe_of_the_same_engine_keeps_everything() {
         let (mut ix, mut s) = setup(true);
-        s.start(&mut ix, "w", 0.0).unwrap();
-        for seq in 0..3 {
-            s.replayed(&mut ix, "w", seq, &batch(seq), 0.0).unwrap();
-        }
-        s.replay_end(&mut ix, "w", 0.0).unwrap();
+        started(&mut ix, &mut s, 3);
         assert_eq!(s.reconnected(&mut ix, "w", 1.0).unwrap().replay_from, Some(2));
         for seq in 2..5 {
             s.replayed(&mut ix, "w", seq, &batch(seq), 1.1).unwrap();
@@ -656,11 +649,7 @@ mod tests {
     #[test]
     fn reconnect_probe_with_another_batch_under_the_seq_is_a_restart() {
         let (mut ix, mut s) = setup(true);
-        s.start(&mut ix, "w", 0.0).unwrap();
-        for seq in 0..3 {
-            s.replayed(&mut ix, "w", seq, &batch(seq), 0.0).unwrap();
-        }
-        s.replay_end(&mut ix, "w", 0.0).unwrap();
+        started(&mut ix, &mut s, 3);
         s.reconnected(&mut ix, "w", 1.0).unwrap();
         let todo = s.replayed(&mut ix, "w", 2, &store(99.0, 7, None), 1.1).unwrap();
         assert_eq!(todo.replay_from, Some(0));
@@ -670,11 +659,7 @@ mod tests {
     #[test]
     fn resume_from_snapshot_probes_then_continues() {
         let (mut ix, mut s) = setup(true);
-        s.start(&mut ix, "w", 0.0).unwrap();
-        for seq in 0..3 {
-            s.replayed(&mut ix, "w", seq, &batch(seq), 0.0).unwrap();
-        }
-        s.replay_end(&mut ix, "w", 0.0).unwrap();
+        started(&mut ix, &mut s, 3);
         let mut snap = Vec::new();
         ix.save(&mut snap).unwrap();
         let mut ix = Index::load(&mut snap.as_slice()).unwrap();

@@ -937,6 +937,38 @@ impl Streams {
     }
 }
 
+type OnMessage = fn(
+    &mut kvsync_core::Stream,
+    &mut kvsync_core::Index,
+    &str,
+    u64,
+    &[u8],
+    f64,
+) -> Result<kvsync_core::Todo, IndexError>;
+
+impl Streams {
+    /// A message with a seq frame: a seq frame that is not 8 bytes is
+    /// counted as malformed.
+    fn message(
+        &self,
+        py: Python<'_>,
+        worker_id: &str,
+        seq: &[u8],
+        data: &[u8],
+        now: f64,
+        on: OnMessage,
+    ) -> PyResult<Option<u64>> {
+        let seq = seq_of(seq);
+        self.with(py, worker_id, |s, ix| match seq {
+            Some(seq) => on(s, ix, worker_id, seq, data, now).map(|t| t.replay_from),
+            None => {
+                s.malformed_frame();
+                Ok(None)
+            }
+        })
+    }
+}
+
 #[pymethods]
 impl Streams {
     #[new]
@@ -1003,14 +1035,7 @@ impl Streams {
         payload: PyBackedBytes,
         now: f64,
     ) -> PyResult<Option<u64>> {
-        let data: &[u8] = &payload;
-        let Some(seq) = seq_of(seq) else {
-            return self.with(py, worker_id, |s, _| {
-                s.malformed_frame();
-                Ok(None)
-            });
-        };
-        self.with(py, worker_id, |s, ix| s.live(ix, worker_id, seq, data, now).map(|t| t.replay_from))
+        self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::live)
     }
 
     /// A replay reply `(seq, payload)`; the end marker is passed to
@@ -1023,14 +1048,7 @@ impl Streams {
         payload: PyBackedBytes,
         now: f64,
     ) -> PyResult<Option<u64>> {
-        let data: &[u8] = &payload;
-        let Some(seq) = seq_of(seq) else {
-            return self.with(py, worker_id, |s, _| {
-                s.malformed_frame();
-                Ok(None)
-            });
-        };
-        self.with(py, worker_id, |s, ix| s.replayed(ix, worker_id, seq, data, now).map(|t| t.replay_from))
+        self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::replayed)
     }
 
     fn replay_end(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
