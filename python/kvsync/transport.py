@@ -241,8 +241,10 @@ class EventManager:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 0)
+        # A steady 100 ms retry (no exponential back-off): a restarted engine
+        # is reconnected to, and probed, within ~0.1 s of binding again.
         sub.setsockopt(zmq.RECONNECT_IVL, 100)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         w.monitor = sub.get_monitor_socket(_MONITOR_EVENTS)
         sub.connect(w.pod.endpoint(w.pod.pub_port, w.rank))
@@ -276,6 +278,8 @@ class EventManager:
             w.dealer.close(linger=0)
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
         dealer.connect(w.pod.endpoint(w.pod.replay_port, w.rank))
         dealer.send_multipart([b"", start.to_bytes(8, "big")])
         w.dealer = dealer
@@ -339,12 +343,16 @@ class EventManager:
                 done.set()
 
     def _on_readable(self, kind: str, w: _Worker, now: float) -> None:
-        if kind == "sub":
-            self._on_sub(w, now)
-        elif kind == "dealer":
-            self._on_dealer(w, now)
-        else:
-            self._on_monitor(w, now)
+        # One worker's trouble must not stop the others: log and go on.
+        try:
+            if kind == "sub":
+                self._on_sub(w, now)
+            elif kind == "dealer":
+                self._on_dealer(w, now)
+            else:
+                self._on_monitor(w, now)
+        except Exception:
+            log.exception("%s: error while handling %s socket", w.wid, kind)
 
     def _frames(self, sock: zmq.Socket[bytes]) -> Iterator[list[bytes]]:
         """Drain what is queued, up to a bound so one busy engine cannot
