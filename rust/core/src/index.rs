@@ -6,23 +6,27 @@
 //! A fleet's caches overlap heavily (system prompts, shared documents), so
 //! the unit of storage is the *distinct prefix block*, not the holding:
 //!
-//! - **Block slab** (`Vec<Block>`, 24 bytes per block): the block's 64-bit
-//!   prefix key, its links in an intrusive LRU list, a count of the engine
-//!   hashes that refer to it, and a 4-byte handle to its holder set
-//!   ([`crate::holders`]: one holder inline, a sorted vector for a few, three
-//!   bitmaps over worker slots for many). A block held by 256 workers costs
-//!   24 + 96 bytes, under half a byte per holding.
+//! - **Block slab** (20 bytes per block, in fixed chunks of 64k blocks so
+//!   growth never copies it and at most one chunk is slack): the block's
+//!   64-bit prefix key, a count of the engine hashes that refer to it, a
+//!   4-byte handle to its holder set ([`crate::holders`]: one holder inline,
+//!   a sorted vector for a few, three bitmaps over worker slots for many),
+//!   and a *child hint*, the block most recently stored under it. A block
+//!   held by 256 workers costs 20 + 96 bytes, under half a byte per holding.
+//!   LRU links (8 bytes per block) exist only when a capacity is set.
 //! - **Key table** (`HashTable<u32>` of slab slots, hashed by the key itself,
 //!   which is already an xxh3 output): 4 bytes per block plus control bytes.
 //! - **Per-worker engine-hash map** (`HashTable<[u32; 3]>`: 64-bit engine
 //!   hash + block slot, 12 bytes). Engine hashes are private to each engine
 //!   (seeds and algorithms differ), so this map is the one per-holding cost
 //!   that cannot be shared; it is what parent resolution and removals need.
+//!   It is the bulk of the memory: about 13 bytes / load factor per holding.
 //!
 //! Queries never touch the per-worker maps: a query hashes its tokens into
-//! prefix keys lazily, looks each up in the key table and intersects a
-//! bitset of still-matching workers with the block's holder set, stopping as
-//! soon as nobody is left.
+//! prefix keys lazily, follows the previous block's child hint (checked by
+//! key; the key table only when the hint misses), and intersects a bitset of
+//! still-matching workers with the block's holder set, stopping as soon as
+//! nobody is left.
 //!
 //! Engine hashes that still refer to a block whose holdings were evicted for
 //! capacity keep the block *dormant* (in the slab, not in the LRU, not
