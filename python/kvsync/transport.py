@@ -365,12 +365,15 @@ class EventManager:
 
     def _on_sub(self, w: _Worker, now: float) -> None:
         assert w.sub is not None
+        # Everything queued for this worker goes to the index in one call.
+        batch: list[tuple[bytes, bytes]] = []
         for frames in self._frames(w.sub):
-            if len(frames) != 3:
-                self._streams.live(w.wid, b"", b"", now)  # counted as malformed
-                continue
-            _, seq, payload = frames
-            self._follow(w, self._streams.live(w.wid, seq, payload, now))
+            if len(frames) == 3:
+                batch.append((frames[1], frames[2]))
+            else:
+                batch.append((b"", b""))  # counted as malformed
+        if batch:
+            self._follow(w, self._streams.live_many(w.wid, batch, now))
 
     def _on_dealer(self, w: _Worker, now: float) -> None:
         sock = w.dealer

@@ -1038,6 +1038,33 @@ impl Streams {
         self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::live)
     }
 
+    /// Several live messages of one worker, in arrival order, under one lock
+    /// (what the transport drained from the worker's SUB socket at once).
+    /// Returns the replay to request, if any.
+    fn live_many(
+        &self,
+        py: Python<'_>,
+        worker_id: &str,
+        messages: Vec<(Vec<u8>, PyBackedBytes)>,
+        now: f64,
+    ) -> PyResult<Option<u64>> {
+        let msgs: Vec<(Option<u64>, &[u8])> = messages.iter().map(|(seq, p)| (seq_of(seq), &**p)).collect();
+        self.with(py, worker_id, |s, ix| {
+            let mut replay = None;
+            for (seq, data) in msgs {
+                match seq {
+                    Some(seq) => {
+                        if let Some(from) = s.live(ix, worker_id, seq, data, now)?.replay_from {
+                            replay = Some(from);
+                        }
+                    }
+                    None => s.malformed_frame(),
+                }
+            }
+            Ok(replay)
+        })
+    }
+
     /// A replay reply `(seq, payload)`; the end marker is passed to
     /// `replay_end` instead.
     fn replayed(
