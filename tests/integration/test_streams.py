@@ -218,3 +218,25 @@ def test_warm_restart_of_the_subscriber(sims: Sims, tmp_path: Path) -> None:
         assert (st.purges, st.lost_batches, st.resets) == (0, 0, 0)
         assert st.batches == 10
         assert_index_is_truth(resumed, "p", sim)
+
+
+def test_warm_restart_past_the_engine_buffer_falls_back_to_a_purge(
+    sims: Sims, tmp_path: Path
+) -> None:
+    sim = sims("--buffer", "5")
+    snap = tmp_path / "index.kvs"
+    index = kvsync.Index()
+    with kvsync.EventManager(index, replay_timeout=1.0) as m:
+        m.add_pod(pod_of("p", sim))
+        wait_for(lambda: m.status()["p"].state in ("live", "degraded"), what="started")
+        sim.request("step", n=4)
+        wait_for(lambda: caught_up(m, "p", sim), what="caught up")
+        index.save(snap)
+    sim.request("step", n=20)  # far past what the engine keeps for replay
+    resumed = kvsync.Index.load(snap)
+    with kvsync.EventManager(resumed, replay_timeout=1.0, clean_secs=30) as m:
+        m.add_pod(pod_of("p", sim))
+        wait_for(lambda: caught_up(m, "p", sim), what="resumed")
+        st = m.status()["p"]
+        assert st.purges >= 1 and st.lost_batches > 0 and st.state == "degraded"
+        assert_index_is_truth(resumed, "p", sim, exact=False)
