@@ -60,7 +60,7 @@ use crate::prefix::{block_key, engine_key, namespace, Lora, Tier};
 use crate::wire::{self, Batch, Event, Mode, Stored, Value};
 
 const NIL: u32 = u32::MAX;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x02";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x03";
 
 /// A cheap digest that tells two batches with the same seq apart: the
 /// payload's length and first 64 bytes (the envelope's float timestamp and
@@ -295,6 +295,8 @@ pub struct Index {
     engine_hashes: usize,
     evictions: u64,
     epoch: u64,
+    /// Reused by [`Index::apply`]'s decoding.
+    decode_buffers: wire::Buffers,
     pool: Pool,
     workers: Vec<Option<Worker>>,
     free_workers: Vec<u32>,
@@ -366,6 +368,7 @@ impl Index {
             engine_hashes: 0,
             evictions: 0,
             epoch: 0,
+            decode_buffers: wire::Buffers::default(),
             pool: Pool::default(),
             workers: Vec::new(),
             free_workers: Vec::new(),
@@ -725,8 +728,14 @@ impl Index {
     /// is recorded as the worker's last applied sequence number.
     pub fn apply(&mut self, id: &str, payload: &[u8], seq: Option<u64>) -> Result<ApplyStats, IndexError> {
         let wslot = self.slot_of(id)?;
-        let batch = wire::decode(payload, Mode::Index)?;
-        Ok(self.apply_batch(wslot, &batch, seq))
+        let mut bufs = std::mem::take(&mut self.decode_buffers);
+        let result = wire::decode_with(payload, Mode::Index, &mut bufs).map(|batch| {
+            let st = self.apply_batch(wslot, &batch, seq);
+            bufs.recycle(batch);
+            st
+        });
+        self.decode_buffers = bufs;
+        Ok(result?)
     }
 
     /// Apply an already decoded batch (see [`Index::apply`]).
@@ -1182,6 +1191,12 @@ impl Index {
         for &s in &order {
             put_u64(&mut body, self.blocks[s as usize].key());
         }
+        // Child hints, so queries on a loaded index walk as fast as before.
+        for &s in &order {
+            let child = self.blocks[s as usize].child;
+            let live = self.blocks.get(child as usize).is_some_and(|c| c.refs != NIL);
+            put_u32(&mut body, if live { ordinal[child as usize] } else { NIL });
+        }
         put_u32(&mut body, self.by_id.len() as u32);
         for (ws, w) in self.workers.iter().enumerate() {
             let Some(w) = w else { continue };
@@ -1253,6 +1268,12 @@ impl Index {
         for _ in 0..nblocks {
             let key = r.u64()?;
             slots.push(ix.intern_block(key));
+        }
+        for &slot in &slots {
+            let child = r.u32()?;
+            if let Some(&c) = slots.get(child as usize) {
+                ix.blocks[slot as usize].child = c;
+            }
         }
         let nworkers = r.u32()?;
         let mut pending: Vec<(u32, Vec<(u32, u8)>)> = Vec::new();
@@ -1555,6 +1576,15 @@ mod tests {
         ix.save(&mut buf).unwrap();
         let back = Index::load(&mut buf.as_slice()).unwrap();
         back.check_invariants().unwrap();
+        // child hints survive (queries on a loaded index stay fast)
+        let child_key = |ix: &Index, key: u64| {
+            let slot = ix.find_block(key).unwrap();
+            let c = ix.blocks[slot as usize].child;
+            (c != NIL).then(|| ix.blocks[c as usize].key())
+        };
+        let k0 = ix.query_keys(&Query::new("m", &[1, 2]))[0];
+        assert!(child_key(&ix, k0).is_some());
+        assert_eq!(child_key(&back, k0), child_key(&ix, k0));
         assert_eq!(back.last_seq("a").unwrap(), Some(41));
         assert_eq!(back.last_seq("b").unwrap(), None);
         let q = Query::new("m", &[1, 2, 3, 4]);

@@ -203,7 +203,51 @@ fn kind_of(tag: &str) -> Option<Kind> {
 
 /// Decode one payload (the third frame of a live message).
 pub fn decode(payload: &[u8], mode: Mode) -> Result<Batch<'_>, DecodeError> {
-    let mut d = Decoder { cur: Cursor { buf: payload, pos: 0 }, mode, batch: Batch::default() };
+    decode_into(payload, mode, Batch::default())
+}
+
+/// Vectors kept between decodes, so a stream of payloads decodes without
+/// allocating (see [`decode_with`] and [`Buffers::recycle`]).
+#[derive(Debug, Default)]
+pub struct Buffers {
+    events: Vec<Event<'static>>,
+    hashes: Vec<EngineHash<'static>>,
+    tokens: Vec<u32>,
+}
+
+/// An empty vector of borrowed values turned into one of another lifetime,
+/// keeping its allocation: there is nothing in it to borrow. The in-place
+/// `collect` reuses the buffer (same element layout) and `map` never runs.
+fn relifetime<A, B>(mut v: Vec<A>) -> Vec<B> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("the vector is empty")).collect()
+}
+
+impl Buffers {
+    /// Take back the vectors of a batch that is no longer needed.
+    pub fn recycle(&mut self, batch: Batch<'_>) {
+        self.events = relifetime(batch.events);
+        self.hashes = relifetime(batch.hashes);
+        let mut tokens = batch.tokens;
+        tokens.clear();
+        self.tokens = tokens;
+    }
+}
+
+/// [`decode`] into the vectors of `bufs` (give them back with
+/// [`Buffers::recycle`] once the batch has been used).
+pub fn decode_with<'a>(payload: &'a [u8], mode: Mode, bufs: &mut Buffers) -> Result<Batch<'a>, DecodeError> {
+    let batch = Batch {
+        events: relifetime(std::mem::take(&mut bufs.events)),
+        hashes: relifetime(std::mem::take(&mut bufs.hashes)),
+        tokens: std::mem::take(&mut bufs.tokens),
+        ..Batch::default()
+    };
+    decode_into(payload, mode, batch)
+}
+
+fn decode_into<'a>(payload: &'a [u8], mode: Mode, batch: Batch<'a>) -> Result<Batch<'a>, DecodeError> {
+    let mut d = Decoder { cur: Cursor { buf: payload, pos: 0 }, mode, batch };
     d.batch_envelope()?;
     if d.cur.pos != payload.len() {
         return Err(DecodeError(format!(
@@ -938,6 +982,37 @@ mod tests {
         });
         let e = decode(&p, Mode::Index).unwrap_err();
         assert!(e.0.contains("event 0 field token_ids: expected array of token ids, got int"), "{e}");
+    }
+
+    #[test]
+    fn buffers_are_reused_between_decodes() {
+        let payload = enc(|b| {
+            rmp::encode::write_array_len(b, 3).unwrap();
+            rmp::encode::write_f64(b, 1.0).unwrap();
+            rmp::encode::write_array_len(b, 1).unwrap();
+            rmp::encode::write_array_len(b, 5).unwrap();
+            rmp::encode::write_str(b, "BlockStored").unwrap();
+            rmp::encode::write_array_len(b, 1).unwrap();
+            rmp::encode::write_uint(b, 7).unwrap();
+            rmp::encode::write_nil(b).unwrap();
+            rmp::encode::write_array_len(b, 2).unwrap();
+            rmp::encode::write_uint(b, 1).unwrap();
+            rmp::encode::write_uint(b, 2).unwrap();
+            rmp::encode::write_uint(b, 2).unwrap();
+            rmp::encode::write_nil(b).unwrap();
+        });
+        let mut bufs = Buffers::default();
+        let first = decode_with(&payload, Mode::Index, &mut bufs).unwrap();
+        assert_eq!(first, decode(&payload, Mode::Index).unwrap());
+        let (events, hashes, tokens) =
+            (first.events.as_ptr() as usize, first.hashes.as_ptr() as usize, first.tokens.as_ptr());
+        bufs.recycle(first);
+        let second = decode_with(&payload, Mode::Index, &mut bufs).unwrap();
+        // the same allocations, not new ones
+        assert_eq!(second.events.as_ptr() as usize, events);
+        assert_eq!(second.hashes.as_ptr() as usize, hashes);
+        assert_eq!(second.tokens.as_ptr(), tokens);
+        assert_eq!(second.tokens, vec![1, 2]);
     }
 
     #[test]

@@ -353,6 +353,11 @@ fn depth_cache(py: Python<'_>) -> &[Py<PyAny>] {
     })
 }
 
+thread_local! {
+    /// Decoding vectors reused by `Index.apply` on this thread.
+    static DECODE_BUFFERS: std::cell::RefCell<wire::Buffers> = std::cell::RefCell::new(wire::Buffers::default());
+}
+
 /// The exact prefix index (see SPEC section 2).
 ///
 /// Locking rule: no thread ever waits for the GIL while holding `inner`
@@ -457,9 +462,18 @@ impl Index {
     fn apply(&self, py: Python<'_>, worker_id: &str, payload: PyBackedBytes, seq: Option<u64>) -> PyResult<ApplyStats> {
         let data: &[u8] = &payload;
         detached(py, || {
-            // Decode outside the lock: readers only wait for the apply itself.
-            let batch = wire::decode(data, Mode::Index).map_err(IndexError::from)?;
-            self.inner.write().apply_decoded(worker_id, &batch, seq)
+            DECODE_BUFFERS.with(|cell| {
+                let mut bufs = cell.take();
+                // Decode outside the lock: readers only wait for the apply itself.
+                let result =
+                    wire::decode_with(data, Mode::Index, &mut bufs).map_err(IndexError::from).and_then(|batch| {
+                        let st = self.inner.write().apply_decoded(worker_id, &batch, seq);
+                        bufs.recycle(batch);
+                        st
+                    });
+                cell.replace(bufs);
+                result
+            })
         })
         .map(ApplyStats::from)
         .map_err(to_py)
