@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 import kvsync
-from kvsync.sim import ARRAY_FIELDS, BlockPool, Workload, encode_batch
+from kvsync.sim import ARRAY_FIELDS, BlockPool, Simulator, Workload, build_parser, encode_batch
 
 
 def normalized(ev: kvsync.Event, fields: list[str]) -> dict[str, Any]:
@@ -71,3 +71,35 @@ def test_index_follows_the_pool_exactly() -> None:
     assert index.worker_stats("w")["blocks"] == len(paths)
     for p in paths:
         assert index.match("m", p)["w"] == pool.cached_prefix(p)
+
+
+def test_batch_requests_regroups_the_same_traffic_into_fewer_batches() -> None:
+    """--batch-requests N: each step publishes one batch with N requests'
+    events, in order; the traffic is the same as N single-request steps."""
+
+    def events_of(batch_requests: int, steps: int) -> tuple[list[Any], int]:
+        args = build_parser().parse_args(
+            ["--block-size", "4", "--capacity", "64", "--batch-requests", str(batch_requests)]
+        )
+        sim = Simulator(args)
+        try:
+            rank = sim.ranks[0]
+            for _ in range(steps):
+                rank.step()
+            payloads = [p for _, p in rank.buffer]
+            index = kvsync.Index()
+            index.add_worker("w", model="m")
+            for p in payloads:
+                index.apply("w", p)
+            paths = rank.pool.truth()
+            assert index.worker_stats("w")["blocks"] == len(paths)
+            for p in paths:
+                assert index.match("m", p)["w"] == rank.pool.cached_prefix(p)
+        finally:
+            sim.close()
+        return [ev for p in payloads for ev in msgpack.unpackb(p)[1]], len(payloads)
+
+    batched, n_batched = events_of(3, 40)
+    single, n_single = events_of(1, 120)
+    assert (n_batched, n_single) == (40, 120)
+    assert batched == single

@@ -34,6 +34,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -241,7 +242,11 @@ class Rank:
         self.pub.send_multipart([self.sim.topic, seq.to_bytes(8, "big"), payload])
 
     def step(self) -> None:
-        events = self.pool.request(self.workload.next_prompt())
+        """One engine step: serve ``--batch-requests`` requests, publish
+        their events as one batch (as an engine publishes one per step)."""
+        events: list[dict[str, Any]] = []
+        for _ in range(self.sim.args.batch_requests):
+            events.extend(self.pool.request(self.workload.next_prompt()))
         self.publish(encode_batch(events, self.sim.args.form, self.rank))
 
     def answer_replay(self) -> None:
@@ -389,10 +394,12 @@ class Simulator:
             for r in self.ranks:
                 if r.router is not None:
                     poller.register(r.router, zmq.POLLIN)
-            timeout = 100.0
+            timeout = 100
             if self.rate > 0:
-                timeout = max(0.0, (next_step - time.monotonic()) * 1000)
-            for sock, _ in poller.poll(int(timeout)):
+                # Round up: int() would turn the last millisecond before
+                # each step into a busy loop of poll(0).
+                timeout = max(0, math.ceil((next_step - time.monotonic()) * 1000))
+            for sock, _ in poller.poll(timeout):
                 if sock is self.control:
                     cmd = json.loads(self.control.recv())
                     if cmd.get("op") == "stop":
@@ -432,6 +439,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--capacity", type=int, default=4096, help="KV cache capacity in blocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rate", type=float, default=0.0, help="batches/s per rank from the start")
+    p.add_argument(
+        "--batch-requests", type=int, default=1, help="requests served per published batch (step)"
+    )
     return p
 
 
