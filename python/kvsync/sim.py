@@ -274,7 +274,12 @@ class Simulator:
         self.topic = args.topic.encode()
         self.drop = 0
         self.rate = 0.0
-        self.pub_port, self.replay_port = args.port, args.replay_port
+        self.pub_port = args.port
+        # With a fixed PUB port and no replay port, replay ports follow the
+        # PUB ports of all ranks.
+        self.replay_port: int | None = args.replay_port or (
+            args.port + args.dp_size if args.port else 0
+        )
         if args.no_replay:
             self.replay_port = None
         self.ranks = [Rank(self, r) for r in range(args.dp_size)]
@@ -426,7 +431,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="kvsync sim", description=__doc__)
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=0, help="PUB port of rank 0 (0: a free random one)")
-    p.add_argument("--replay-port", type=int, default=0, help="replay port of rank 0")
+    p.add_argument(
+        "--replay-port", type=int, default=0, help="replay port of rank 0 (0: after the PUB ports)"
+    )
     p.add_argument("--no-replay", action="store_true", help="no replay endpoint")
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (consecutive ports)")
     p.add_argument("--topic", default="", help="topic frame of every message")
