@@ -84,7 +84,8 @@ pub struct StreamCounters {
 pub struct StreamConfig {
     /// The engine has a replay endpoint.
     pub replay: bool,
-    /// Seconds to wait for a replay to finish.
+    /// Seconds a replay may stay silent (before its first reply, or between
+    /// replies) before it is given up.
     pub replay_timeout: f64,
     /// Seconds without incident before `degraded` turns `live`.
     pub clean_secs: f64,
@@ -326,6 +327,10 @@ impl Stream {
             self.counters.duplicates += 1;
             return Ok(Todo::default());
         };
+        // The timeout is for silence, not for the whole replay: a long
+        // replay that keeps arriving is never cut off.
+        r.deadline = now + self.config.replay_timeout;
+        self.replay = Some(r);
         if !r.started {
             r.started = true;
             self.replay = Some(r);
@@ -709,6 +714,24 @@ mod tests {
         // a late reply to the abandoned replay is ignored
         s.replayed(&mut ix, "w", 0, &batch(0), 1.1).unwrap();
         assert_eq!(s.last_seq(), Some(8));
+    }
+
+    #[test]
+    fn a_long_replay_that_keeps_arriving_is_not_cut_off() {
+        let (mut ix, mut s) = setup(true);
+        s.start(&mut ix, "w", 0.0).unwrap();
+        for seq in 0..30 {
+            let now = f64::from(seq as u32) * 0.5; // 15 s in all, 1 s timeout
+            s.replayed(&mut ix, "w", seq, &batch(seq), now).unwrap();
+            s.tick(&mut ix, "w", now + 0.4).unwrap();
+            assert_eq!(s.state(), State::Replaying);
+        }
+        s.replay_end(&mut ix, "w", 15.0).unwrap();
+        assert_eq!((s.state(), s.counters().timeouts, depth(&ix)), (State::Live, 0, 30));
+        // silence does time out
+        s.reconnected(&mut ix, "w", 20.0).unwrap();
+        s.tick(&mut ix, "w", 21.0).unwrap();
+        assert_eq!(s.counters().timeouts, 1);
     }
 
     #[test]
