@@ -27,17 +27,49 @@ MODEL = "sim-model"
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.002) -> float:
+def wait_for(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    poll: float = 0.002,
+    detail: Callable[[], object] | None = None,
+) -> float:
     """Poll ``cond`` until it holds; returns the monotonic time it first held.
-    Fails loudly at the deadline."""
+    Fails loudly at the deadline, with ``detail()`` in the message."""
     deadline = time.monotonic() + timeout
     while True:
         now = time.monotonic()
         if cond():
             return now
         if now > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            extra = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
         time.sleep(poll)
+
+
+def lagging(status: dict[str, Any], names: Sequence[str], want: Sequence[int]) -> dict[str, Any]:
+    """The workers not at their engine's seq, with what their stream says."""
+    out = {}
+    for n, w in zip(names, want, strict=True):
+        st = status.get(n)
+        if not at_seq(st, w):
+            out[n] = (
+                st
+                if st is None
+                else {
+                    "want": w,
+                    "state": st.state,
+                    "last_seq": st.last_seq,
+                    "batches": st.batches,
+                    "replays": st.replays,
+                    "timeouts": st.timeouts,
+                    "lost": st.lost_batches,
+                    "purges": st.purges,
+                    "gaps": st.gaps,
+                    "duplicates": st.duplicates,
+                }
+            )
+    return out
 
 
 class PubProcess(SimProcess):
