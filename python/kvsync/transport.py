@@ -280,6 +280,10 @@ class EventManager:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
+        # No receive limit: a ROUTER drops what does not fit the pipe, and a
+        # long replay must arrive whole (the pipe's room is the sum of both
+        # sides' high-water marks).
+        dealer.setsockopt(zmq.RCVHWM, 0)
         dealer.connect(w.pod.endpoint(w.pod.replay_port, w.rank))
         dealer.send_multipart([b"", start.to_bytes(8, "big")])
         w.dealer = dealer
