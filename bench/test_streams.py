@@ -646,10 +646,9 @@ def _settled(st: dict[str, Any], names: list[str], want: list[int]) -> bool:
 
 REPLAY_CLIFF = (
     "a replay of 1,000+ batches can lose its tail and end marker at the engine's ROUTER "
-    "(default SNDHWM 1000, as in vLLM); kvsync then waits out replay_timeout (2 s) and "
-    "purges the worker, although it applied every batch up to the engine's last (with "
-    "idle engines it stays empty). Replays that progress steadily but finish later than "
-    "2 s after their request are purged the same way"
+    "(default SNDHWM 1000, as in vLLM); kvsync then times out on the silence and purges "
+    "the worker, although it applied every batch up to the engine's last (with idle "
+    "engines it stays empty, and lost_batches says 0)"
 )
 
 
