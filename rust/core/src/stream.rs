@@ -430,6 +430,14 @@ impl Stream {
         if let Some(r) = self.replay {
             if now >= r.deadline {
                 self.counters.timeouts += 1;
+                if r.started && matches!(r.pending, Pending::Fill { .. }) {
+                    // The replay was arriving, then went silent before its
+                    // end marker: the engine's ROUTER dropped the tail at its
+                    // high-water mark. Ask again from where we are; a replay
+                    // that brings nothing at all ends in the purge below.
+                    let from = self.last.map_or(0, |l| l + 1);
+                    return Ok(self.ask(Pending::Fill { from }, now));
+                }
                 self.replay = None;
                 let first = self.buffer.keys().next().copied();
                 if let (Some(l), Some(f)) = (self.last, first) {
@@ -732,6 +740,28 @@ mod tests {
         s.reconnected(&mut ix, "w", 20.0).unwrap();
         s.tick(&mut ix, "w", 21.0).unwrap();
         assert_eq!(s.counters().timeouts, 1);
+    }
+
+    #[test]
+    fn a_replay_whose_tail_was_dropped_is_asked_again_not_purged() {
+        let (mut ix, mut s) = setup(true);
+        s.start(&mut ix, "w", 0.0).unwrap();
+        for seq in 0..5 {
+            s.replayed(&mut ix, "w", seq, &batch(seq), 0.1).unwrap();
+        }
+        // seq 5..8 and the end marker never come
+        assert_eq!(s.tick(&mut ix, "w", 1.2).unwrap().replay_from, Some(5));
+        assert_eq!((s.state(), s.counters().purges, depth(&ix)), (State::Replaying, 0, 5));
+        for seq in 5..8 {
+            s.replayed(&mut ix, "w", seq, &batch(seq), 1.3).unwrap();
+        }
+        s.replay_end(&mut ix, "w", 1.3).unwrap();
+        let c = s.counters();
+        assert_eq!((s.state(), c.purges, c.lost, c.timeouts, depth(&ix)), (State::Live, 0, 0, 1, 8));
+        // a re-asked replay that brings nothing does end in a purge
+        assert_eq!(s.live(&mut ix, "w", 10, &batch(10), 2.0).unwrap().replay_from, Some(8));
+        s.tick(&mut ix, "w", 3.1).unwrap();
+        assert_eq!(s.counters().purges, 1);
     }
 
     #[test]
