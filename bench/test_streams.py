@@ -16,8 +16,9 @@
   index equals the engine's ground truth; a subscriber restart with 64
   engines (snapshot, engines publish while it is down, load, replay) until
   every worker is caught up, then checked against each engine's truth,
-  with a backlog of 200 and of 1,000 batches per engine (the second is an
-  expected failure today: see REPLAY_CLIFF).
+  with a backlog of 200 and of 1,000 batches per engine (the second makes
+  engines drop replay tails at their ROUTER's high-water mark: the stream
+  must ask again, not purge).
 - Subscriber cost by fleet size: the same traffic from 8 or 64 engines.
 
 Targets are recorded (extra_info, summary, README.md), not asserted; the
@@ -204,9 +205,8 @@ def _subscriber_cost(ladder: str) -> dict[str, Any]:
         try:
             _wait_caught_up(m, names, engines, "subscribed", 20)
             # Fill each engine's 4096-block cache on the live stream (the
-            # steady state: stores come with evictions). Not as history:
-            # a replay of 1,000 batches or more can lose its end marker (see
-            # REPLAY_CLIFF), which is for the recovery benchmarks to show.
+            # steady state: stores come with evictions), not as history: the
+            # long-replay case is for the recovery benchmarks to show.
             for e in engines:
                 e.request("step", n=1000 // batch_requests)
             _wait_caught_up(m, names, engines, "warm-up", 60)
@@ -644,17 +644,9 @@ def _settled(st: dict[str, Any], names: list[str], want: list[int]) -> bool:
     )
 
 
-REPLAY_CLIFF = (
-    "a replay of 1,000+ batches can lose its tail and end marker at the engine's ROUTER "
-    "(default SNDHWM 1000, as in vLLM); kvsync then times out on the silence and purges "
-    "the worker, although it applied every batch up to the engine's last (with idle "
-    "engines it stays empty, and lost_batches says 0)"
-)
-
-
 @pytest.mark.parametrize(
     "backlog",
-    [200, pytest.param(1000, marks=pytest.mark.xfail(reason=REPLAY_CLIFF, strict=False))],
+    [200, 1000],
     ids=["backlog-200", "backlog-1000"],
 )
 def test_subscriber_restart_64_engines(
