@@ -151,7 +151,6 @@ class Streams:
         self,
         worker_id: str,
         model: str,
-        now: float = 0.0,
         replay: bool = True,
         replay_timeout: float = 2.0,
         clean_secs: float = 10.0,

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim.build_parser(ps)
-    ps.set_defaults(func=cmd_sim)
+    ps.set_defaults(func=sim.run)
     from kvsync import demo
 
     pd = sub.add_parser(
@@ -159,20 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.build_parser(pd)
     pd.set_defaults(func=demo.run)
     return parser
-
-
-def cmd_sim(args: argparse.Namespace) -> int:
-    from kvsync import sim
-
-    simulator = sim.Simulator(args)
-    simulator.rate = args.rate
-    try:
-        simulator.serve()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        simulator.close()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

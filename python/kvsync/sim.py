@@ -452,8 +452,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Serve until stopped (the ``stop`` op or Ctrl-C)."""
     sim = Simulator(args)
     sim.rate = args.rate
     try:
@@ -463,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         sim.close()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 class SimProcess:

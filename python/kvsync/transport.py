@@ -211,14 +211,12 @@ class EventManager:
                 return
             self._remove_pod(pod.name)
         self._pods[pod.name] = pod
-        now = time.monotonic()
         for wid, rank in pod.workers():
             w = _Worker(wid, pod, rank)
             self._workers[wid] = w
             self._streams.add(
                 wid,
                 pod.model,
-                now,
                 replay=pod.replay_port is not None,
                 replay_timeout=self.replay_timeout,
                 clean_secs=self.clean_secs,

@@ -994,20 +994,18 @@ impl Streams {
     /// needed; a worker already in the index, e.g. from a snapshot, resumes
     /// from its saved position). Call `start` once its publisher is
     /// connected.
-    #[pyo3(signature = (worker_id, model, now=0.0, replay=true, replay_timeout=2.0, clean_secs=10.0, max_buffered=100_000))]
+    #[pyo3(signature = (worker_id, model, replay=true, replay_timeout=2.0, clean_secs=10.0, max_buffered=100_000))]
     #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
         py: Python<'_>,
         worker_id: &str,
         model: &str,
-        now: f64,
         replay: bool,
         replay_timeout: f64,
         clean_secs: f64,
         max_buffered: usize,
     ) -> PyResult<()> {
-        let _ = now;
         let index = self.index.get();
         detached(py, || {
             let mut ix = index.inner.write();
