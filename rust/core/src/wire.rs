@@ -250,7 +250,7 @@ fn decode_into<'a>(payload: &'a [u8], mode: Mode, batch: Batch<'a>) -> Result<Ba
     let mut d = Decoder { cur: Cursor { buf: payload, pos: 0 }, mode, batch };
     d.batch_envelope()?;
     if d.cur.pos != payload.len() {
-        return Err(DecodeError(format!(
+        return Err(DecodeError::new(format!(
             "{} trailing bytes after the batch at byte {}",
             payload.len() - d.cur.pos,
             d.cur.pos
@@ -268,7 +268,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn eof(&self, what: &str) -> DecodeError {
-        DecodeError(format!(
+        DecodeError::new(format!(
             "truncated payload: {what} at byte {} runs past the end ({} bytes)",
             self.pos,
             self.buf.len()
@@ -367,9 +367,9 @@ struct At<'s> {
 impl<'a> Decoder<'a> {
     fn err(&self, at: At<'_>, what: &str) -> DecodeError {
         if at.field.is_empty() {
-            DecodeError(format!("event {}: {what} (byte {})", at.event, self.cur.pos))
+            DecodeError::new(format!("event {}: {what} (byte {})", at.event, self.cur.pos))
         } else {
-            DecodeError(format!("event {} field {}: {what} (byte {})", at.event, at.field, self.cur.pos))
+            DecodeError::new(format!("event {} field {}: {what} (byte {})", at.event, at.field, self.cur.pos))
         }
     }
 
@@ -379,20 +379,20 @@ impl<'a> Decoder<'a> {
 
     fn batch_envelope(&mut self) -> Result<(), DecodeError> {
         if self.cur.buf.is_empty() {
-            return Err(DecodeError("empty payload: expected a msgpack array [ts, events, dp_rank]".into()));
+            return Err(DecodeError::new("empty payload: expected a msgpack array [ts, events, dp_rank]"));
         }
         let m = self.cur.marker()?;
         let n = match self.cur.len_of(m)? {
             Some(n) if is_array(m) => n,
             _ => {
-                return Err(DecodeError(format!(
+                return Err(DecodeError::new(format!(
                     "batch must be a msgpack array [ts, events, dp_rank], got {}",
                     marker_name(m)
                 )))
             }
         };
         if n < 2 {
-            return Err(DecodeError(format!("batch array has {n} elements, need at least [ts, events]")));
+            return Err(DecodeError::new(format!("batch array has {n} elements, need at least [ts, events]")));
         }
         let m = self.cur.marker()?;
         self.batch.ts = match m {
@@ -400,13 +400,13 @@ impl<'a> Decoder<'a> {
             Marker::F32 => f64::from(f32::from_bits(self.cur.be(4, "ts")? as u32)),
             _ => match self.cur.int_of(m)? {
                 Some(v) => v as f64,
-                None => return Err(DecodeError(format!("batch ts: expected float, got {}", marker_name(m)))),
+                None => return Err(DecodeError::new(format!("batch ts: expected float, got {}", marker_name(m)))),
             },
         };
         let m = self.cur.marker()?;
         let n_events = match self.cur.len_of(m)? {
             Some(k) if is_array(m) => k,
-            _ => return Err(DecodeError(format!("batch events: expected array, got {}", marker_name(m)))),
+            _ => return Err(DecodeError::new(format!("batch events: expected array, got {}", marker_name(m)))),
         };
         // Never reserve from a length prefix: each event is at least one byte.
         let remaining = self.cur.buf.len() - self.cur.pos;
@@ -419,11 +419,14 @@ impl<'a> Decoder<'a> {
             self.batch.dp_rank = match m {
                 Marker::Null => None,
                 _ => match self.cur.int_of(m)? {
-                    Some(v) => {
-                        Some(i64::try_from(v).map_err(|_| DecodeError(format!("batch dp_rank {v} out of range")))?)
-                    }
+                    Some(v) => Some(
+                        i64::try_from(v).map_err(|_| DecodeError::new(format!("batch dp_rank {v} out of range")))?,
+                    ),
                     None => {
-                        return Err(DecodeError(format!("batch dp_rank: expected int or nil, got {}", marker_name(m))))
+                        return Err(DecodeError::new(format!(
+                            "batch dp_rank: expected int or nil, got {}",
+                            marker_name(m)
+                        )))
                     }
                 },
             };
@@ -981,7 +984,7 @@ mod tests {
             rmp::encode::write_nil(w).unwrap();
         });
         let e = decode(&p, Mode::Index).unwrap_err();
-        assert!(e.0.contains("event 0 field token_ids: expected array of token ids, got int"), "{e}");
+        assert!(e.to_string().contains("event 0 field token_ids: expected array of token ids, got int"), "{e}");
     }
 
     #[test]
@@ -1032,6 +1035,6 @@ mod tests {
         p.extend(std::iter::repeat_n(0x91, 100_000));
         p.push(0xc0);
         let e = decode(&p, Mode::Index).unwrap_err();
-        assert!(e.0.contains("nested deeper"), "{e}");
+        assert!(e.to_string().contains("nested deeper"), "{e}");
     }
 }

@@ -34,10 +34,13 @@ create_exception!(_core, SnapshotError, PyValueError, "An index snapshot that ca
 /// The one conversion from core errors to Python exceptions.
 fn to_py(e: IndexError) -> PyErr {
     match e {
-        IndexError::Decode(d) => DecodeError::new_err(d.0),
+        IndexError::Decode(d) => DecodeError::new_err(d.to_string()),
         IndexError::UnknownWorker(w) => PyKeyError::new_err(format!("unknown worker {w:?}")),
         IndexError::ModelMismatch { .. } | IndexError::Invalid(_) => PyValueError::new_err(e.to_string()),
         IndexError::Snapshot(m) => SnapshotError::new_err(m),
+        IndexError::Io { .. } => PyOSError::new_err(e.to_string()),
+        IndexError::Followed(_) => pyo3::exceptions::PyRuntimeError::new_err(e.to_string()),
+        IndexError::AlreadyFollowed(_) => PyValueError::new_err(e.to_string()),
     }
 }
 
@@ -494,8 +497,7 @@ impl Index {
             let mut total = kvsync_core::ApplyStats::default();
             let mut ix = self.inner.write();
             for (i, p) in slices.iter().enumerate() {
-                let batch = wire::decode(p, Mode::Index)
-                    .map_err(|e| IndexError::Decode(kvsync_core::DecodeError(format!("payload {i}: {}", e.0))))?;
+                let batch = wire::decode(p, Mode::Index).map_err(|e| IndexError::Decode(e.in_payload(i)))?;
                 let seq = first_seq.map(|s| s + i as u64);
                 total.add(&ix.apply_decoded(worker_id, &batch, seq)?);
             }
@@ -795,7 +797,7 @@ fn opt_str(s: Option<&str>) -> Option<String> {
 /// decodes internally without building Python objects).
 #[pyfunction]
 fn decode(py: Python<'_>, payload: PyBackedBytes) -> PyResult<Batch> {
-    let b = wire::decode(&payload, Mode::Full).map_err(|e| DecodeError::new_err(e.0))?;
+    let b = wire::decode(&payload, Mode::Full).map_err(|e| DecodeError::new_err(e.to_string()))?;
     let events = PyList::empty(py);
     for ev in &b.events {
         let hashes = |r: &std::ops::Range<usize>| -> PyResult<Py<PyAny>> {
