@@ -62,13 +62,7 @@ use crate::wire::{self, Batch, Event, Mode, Stored, Value};
 const NIL: u32 = u32::MAX;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x03";
 
-/// A cheap digest that tells two batches with the same seq apart: the
-/// payload's length and first 64 bytes (the envelope's float timestamp and
-/// the start of the first event).
-pub fn payload_digest(payload: &[u8]) -> u64 {
-    let head = &payload[..payload.len().min(64)];
-    xxhash_rust::xxh3::xxh3_64_with_seed(head, payload.len() as u64)
-}
+pub use crate::stream::payload_digest;
 
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]

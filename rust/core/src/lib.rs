@@ -10,7 +10,7 @@ pub mod stream;
 pub mod wire;
 
 pub use error::{DecodeError, IndexError};
-pub use index::{payload_digest, ApplyStats, Index, Query, Stats, WorkerCounters, WorkerStats};
+pub use index::{ApplyStats, Index, Query, Stats, WorkerCounters, WorkerStats};
 pub use prefix::{Lora, Tier};
-pub use stream::{State, Stream, StreamConfig, StreamCounters, Todo};
+pub use stream::{payload_digest, Sink, State, Stream, StreamConfig, StreamCounters, Todo};
 pub use wire::{decode, Batch, EngineHash, Event, Mode, Value};
