@@ -1,0 +1,268 @@
+//! Applying decoded event batches to one worker (SPEC section 2): stores
+//! with parent resolution and block keys, per-tier removals, clears.
+
+use super::{ekey, holdings::EMap, mix, ApplyStats, Index, NIL};
+use crate::error::IndexError;
+use crate::prefix::{block_key, engine_key, namespace, Lora, Tier};
+use crate::wire::{self, Batch, Event, Mode, Stored, Value};
+
+impl Index {
+    // ------------------------------------------------------------------ apply
+
+    /// Decode one payload and apply it to worker `id`. `seq`, when given,
+    /// is recorded as the worker's last applied sequence number.
+    pub fn apply(&mut self, id: &str, payload: &[u8], seq: Option<u64>) -> Result<ApplyStats, IndexError> {
+        let wslot = self.slot_of(id)?;
+        if self.worker(wslot).followed {
+            return Err(IndexError::Followed(id.to_owned()));
+        }
+        let mut bufs = std::mem::take(&mut self.decode_buffers);
+        let result = wire::decode_with(payload, Mode::Index, &mut bufs).map(|batch| {
+            let st = self.apply_batch(wslot, &batch, seq);
+            bufs.recycle(batch);
+            st
+        });
+        self.decode_buffers = bufs;
+        if let (Ok(_), Some(seq)) = (&result, seq) {
+            self.worker_mut(wslot).stream.set_position(Some(seq), crate::stream::payload_digest(payload));
+        }
+        Ok(result?)
+    }
+
+    /// Apply an already decoded batch (see [`Index::apply`]).
+    pub fn apply_decoded(&mut self, id: &str, batch: &Batch<'_>, seq: Option<u64>) -> Result<ApplyStats, IndexError> {
+        let wslot = self.slot_of(id)?;
+        if self.worker(wslot).followed {
+            return Err(IndexError::Followed(id.to_owned()));
+        }
+        Ok(self.apply_batch(wslot, batch, seq))
+    }
+
+    pub(super) fn apply_batch(&mut self, wslot: u32, batch: &Batch<'_>, seq: Option<u64>) -> ApplyStats {
+        let mut st = ApplyStats { unknown_events: u64::from(batch.unknown_events), ..ApplyStats::default() };
+        for ev in &batch.events {
+            match ev {
+                Event::Stored(s) => self.apply_stored(wslot, batch, s, &mut st),
+                Event::Removed(r) => {
+                    let tier = Tier::of_medium(r.medium).bit();
+                    let mut emap = std::mem::take(&mut self.worker_mut(wslot).emap);
+                    for h in &batch.hashes[r.hashes.clone()] {
+                        let ek = engine_key(*h, r.group_idx.unwrap_or(0));
+                        let Ok(entry) = emap.find_entry(mix(ek), |e| ekey(e) == ek) else {
+                            st.unknown_removals += 1;
+                            continue;
+                        };
+                        let slot = entry.get()[2];
+                        let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
+                        let left = cur & !tier;
+                        if left == 0 {
+                            // W no longer holds the block: forget the hash.
+                            entry.remove();
+                            self.engine_hashes -= 1;
+                            self.blocks[slot as usize].refs -= 1;
+                        }
+                        if cur != left {
+                            self.set_tiers(slot, wslot, left, false);
+                        }
+                        if left == 0 {
+                            self.maybe_free_block(slot);
+                        }
+                        st.removed += 1;
+                    }
+                    self.worker_mut(wslot).emap = emap;
+                }
+                Event::Cleared => {
+                    self.purge_slot(wslot);
+                    st.cleared += 1;
+                }
+            }
+        }
+        st.skipped = st.orphaned + st.ignored + st.unknown_removals;
+        let w = self.worker_mut(wslot);
+        w.counters.batches += 1;
+        w.counters.stored += st.stored;
+        w.counters.removed += st.removed;
+        w.counters.cleared += st.cleared;
+        w.counters.skipped += st.skipped;
+        w.counters.orphaned += st.orphaned;
+        w.counters.unknown_removals += st.unknown_removals;
+        w.counters.unknown_events += st.unknown_events;
+        if let Some(seq) = seq {
+            // The digest is the caller's to record (it has the payload).
+            w.stream.set_position(Some(seq), 0);
+        }
+        st
+    }
+
+    pub(super) fn apply_stored(&mut self, wslot: u32, batch: &Batch<'_>, s: &Stored<'_>, st: &mut ApplyStats) {
+        let mut emap = std::mem::take(&mut self.worker_mut(wslot).emap);
+        self.apply_stored_with(wslot, &mut emap, batch, s, st);
+        self.worker_mut(wslot).emap = emap;
+    }
+
+    pub(super) fn apply_stored_with(
+        &mut self,
+        wslot: u32,
+        emap: &mut EMap,
+        batch: &Batch<'_>,
+        s: &Stored<'_>,
+        st: &mut ApplyStats,
+    ) {
+        let hashes = &batch.hashes[s.hashes.clone()];
+        let n = hashes.len();
+        if n == 0 {
+            return;
+        }
+        if s.kv_cache_spec_kind.is_some_and(|k| k != "full_attention") {
+            st.ignored += n as u64;
+            return;
+        }
+        let tier = Tier::of_medium(s.medium).bit();
+        let tokens = &batch.tokens[s.tokens.clone()];
+        if tokens.is_empty() {
+            // Offload-style store: the blocks are named by hash only.
+            for h in hashes {
+                match Self::emap_get(emap, engine_key(*h, s.group_idx.unwrap_or(0))) {
+                    Some(slot) => {
+                        let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
+                        self.set_tiers(slot, wslot, cur | tier, true);
+                        st.stored += 1;
+                    }
+                    None => st.orphaned += 1,
+                }
+            }
+            self.evict_to_capacity();
+            return;
+        }
+        // Block size: the event's, else inferred; must tile the tokens and
+        // agree with what the model's other events said.
+        let bs = match s.block_size {
+            Some(b) if b > 0 => b,
+            _ => (tokens.len() / n) as u64,
+        };
+        let model = self.worker(wslot).model as usize;
+        if bs == 0 || bs > u64::from(u32::MAX) || bs as usize * n != tokens.len() {
+            st.ignored += n as u64;
+            return;
+        }
+        match self.models[model].block_size {
+            Some(m) if u64::from(m) != bs => {
+                st.ignored += n as u64;
+                return;
+            }
+            Some(_) => {}
+            None => self.models[model].block_size = Some(bs as u32),
+        }
+        let bs = bs as usize;
+        let (mut prev, mut prev_slot) = match s.parent {
+            Some(p) => match Self::emap_get(emap, engine_key(p, s.group_idx.unwrap_or(0))) {
+                Some(slot) => (self.blocks[slot as usize].key(), slot),
+                None => {
+                    st.orphaned += n as u64;
+                    return;
+                }
+            },
+            None => (namespace(&self.models[model].name, Lora::of_event(s.lora_name, s.lora_id)), NIL),
+        };
+        // Allocates only for events that carry extra keys.
+        let mut extras: Vec<Value<'_>> = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            let toks = &tokens[i * bs..(i + 1) * bs];
+            extras.clear();
+            if let Some(Some(ek)) = s.extra_keys.as_ref().and_then(|v| v.get(i)) {
+                for v in ek {
+                    if matches!((v, s.lora_name), (Value::Str(a), Some(b)) if *a == b) {
+                        continue;
+                    }
+                    extras.push(v.clone());
+                }
+            }
+            if i == 0 && s.parent.is_none() {
+                if let Some(salt) = s.cache_salt {
+                    extras.push(Value::Str(salt));
+                }
+            }
+            let key = block_key(prev, toks, &extras);
+            prev = key;
+            let slot = self.intern_block(key);
+            if prev_slot != NIL {
+                self.blocks[prev_slot as usize].child = slot;
+            }
+            prev_slot = slot;
+            let ek = engine_key(*h, s.group_idx.unwrap_or(0));
+            if let Some(old) = self.emap_set(emap, ek, slot) {
+                if old != slot {
+                    // The engine re-used the hash for other content: forget
+                    // what it said before.
+                    if self.pool.get(self.blocks[old as usize].holders, wslot) != 0 {
+                        self.set_tiers(old, wslot, 0, false);
+                    }
+                    self.maybe_free_block(old);
+                }
+            }
+            let cur = self.pool.get(self.blocks[slot as usize].holders, wslot);
+            self.set_tiers(slot, wslot, cur | tier, true);
+            st.stored += 1;
+        }
+        self.evict_to_capacity();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::index::Query;
+    use crate::prefix::Tier;
+
+    #[test]
+    fn chained_stores_match_leading_blocks() {
+        let mut ix = two_workers();
+        let st = ix.apply("a", &B::default().store(&[1, 2], None, &[1, 2, 3, 4], None).build(), Some(0)).unwrap();
+        assert_eq!((st.stored, st.skipped), (2, 0));
+        ix.apply("a", &B::default().store(&[3], Some(2), &[5, 6], None).build(), Some(1)).unwrap();
+        assert_eq!(depth(&ix, &[1, 2, 3, 4, 5, 6, 7], "a"), 3);
+        assert_eq!(depth(&ix, &[1, 2, 3, 4, 5, 6, 7], "b"), 0);
+        assert_eq!(depth(&ix, &[1, 2, 9, 9, 5, 6], "a"), 1);
+        assert_eq!(ix.last_seq("a").unwrap(), Some(1));
+        let s = ix.stats();
+        assert_eq!((s.blocks, s.holdings, s.workers), (3, 3, 2));
+        ix.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn orphans_are_dropped_not_rooted() {
+        let mut ix = two_workers();
+        let st = ix.apply("a", &B::default().store(&[7], Some(99), &[1, 2], None).build(), None).unwrap();
+        assert_eq!((st.stored, st.orphaned, st.skipped), (0, 1, 1));
+        assert_eq!(depth(&ix, &[1, 2], "a"), 0);
+        // Parent resolution is per worker: b cannot chain from a's hash.
+        ix.apply("a", &B::default().store(&[1], None, &[1, 2], None).build(), None).unwrap();
+        let st = ix.apply("b", &B::default().store(&[2], Some(1), &[3, 4], None).build(), None).unwrap();
+        assert_eq!(st.orphaned, 1);
+        ix.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn stores_are_idempotent_and_removals_per_tier() {
+        let mut ix = two_workers();
+        let p = B::default().store(&[1, 2], None, &[1, 2, 3, 4], None).build();
+        ix.apply("a", &p, None).unwrap();
+        ix.apply("a", &p, None).unwrap();
+        ix.apply("a", &B::default().store(&[2], Some(1), &[3, 4], Some("CPU")).build(), None).unwrap();
+        assert_eq!(ix.stats().holdings, 2);
+        ix.apply("a", &B::default().remove(&[2], None).build(), None).unwrap();
+        // still in CPU
+        assert_eq!(depth(&ix, &[1, 2, 3, 4], "a"), 2);
+        let gpu_only = Query { tiers: Tier::Gpu.bit(), ..Query::new("m", &[1, 2, 3, 4]) };
+        assert_eq!(ix.match_prefix(&gpu_only)[0], ("a", 1));
+        ix.apply("a", &B::default().remove(&[2], Some("CPU")).build(), None).unwrap();
+        assert_eq!(depth(&ix, &[1, 2, 3, 4], "a"), 1);
+        let st = ix.apply("a", &B::default().remove(&[2], Some("CPU")).build(), None).unwrap();
+        assert_eq!(st.unknown_removals, 1);
+        ix.apply("a", &B::default().clear().build(), None).unwrap();
+        assert_eq!(depth(&ix, &[1, 2, 3, 4], "a"), 0);
+        let s = ix.stats();
+        assert_eq!((s.blocks, s.holdings, s.dormant, s.engine_hashes), (0, 0, 0, 0));
+        ix.check_invariants().unwrap();
+    }
+}

@@ -1,0 +1,95 @@
+//! Test helpers shared by the index's test modules: a tiny KVEventBatch
+//! payload builder and match shorthands.
+
+use rmp::encode as enc;
+
+use super::{Index, Query};
+
+/// A tiny map-form payload builder (vLLM >= 0.24 layout).
+#[derive(Default)]
+pub(crate) struct B {
+    events: Vec<Vec<u8>>,
+}
+
+fn int_hash(b: &mut Vec<u8>, h: u64) {
+    enc::write_uint(b, h).unwrap();
+}
+
+impl B {
+    pub(crate) fn store(mut self, hashes: &[u64], parent: Option<u64>, tokens: &[u32], medium: Option<&str>) -> Self {
+        let mut e = Vec::new();
+        enc::write_map_len(&mut e, 5).unwrap();
+        enc::write_str(&mut e, "type").unwrap();
+        enc::write_str(&mut e, "BlockStored").unwrap();
+        enc::write_str(&mut e, "block_hashes").unwrap();
+        enc::write_array_len(&mut e, hashes.len() as u32).unwrap();
+        for h in hashes {
+            int_hash(&mut e, *h);
+        }
+        enc::write_str(&mut e, "parent_block_hash").unwrap();
+        match parent {
+            Some(p) => int_hash(&mut e, p),
+            None => enc::write_nil(&mut e).unwrap(),
+        }
+        enc::write_str(&mut e, "token_ids").unwrap();
+        enc::write_array_len(&mut e, tokens.len() as u32).unwrap();
+        for t in tokens {
+            enc::write_uint(&mut e, u64::from(*t)).unwrap();
+        }
+        enc::write_str(&mut e, "medium").unwrap();
+        match medium {
+            Some(m) => enc::write_str(&mut e, m).unwrap(),
+            None => enc::write_nil(&mut e).unwrap(),
+        }
+        self.events.push(e);
+        self
+    }
+    pub(crate) fn remove(mut self, hashes: &[u64], medium: Option<&str>) -> Self {
+        let mut e = Vec::new();
+        enc::write_map_len(&mut e, 3).unwrap();
+        enc::write_str(&mut e, "type").unwrap();
+        enc::write_str(&mut e, "BlockRemoved").unwrap();
+        enc::write_str(&mut e, "block_hashes").unwrap();
+        enc::write_array_len(&mut e, hashes.len() as u32).unwrap();
+        for h in hashes {
+            int_hash(&mut e, *h);
+        }
+        enc::write_str(&mut e, "medium").unwrap();
+        match medium {
+            Some(m) => enc::write_str(&mut e, m).unwrap(),
+            None => enc::write_nil(&mut e).unwrap(),
+        }
+        self.events.push(e);
+        self
+    }
+    pub(crate) fn clear(mut self) -> Self {
+        let mut e = Vec::new();
+        enc::write_map_len(&mut e, 1).unwrap();
+        enc::write_str(&mut e, "type").unwrap();
+        enc::write_str(&mut e, "AllBlocksCleared").unwrap();
+        self.events.push(e);
+        self
+    }
+    pub(crate) fn build(self) -> Vec<u8> {
+        let mut b = Vec::new();
+        enc::write_array_len(&mut b, 3).unwrap();
+        enc::write_f64(&mut b, 1.0).unwrap();
+        enc::write_array_len(&mut b, self.events.len() as u32).unwrap();
+        for e in self.events {
+            b.extend_from_slice(&e);
+        }
+        enc::write_nil(&mut b).unwrap();
+        b
+    }
+}
+
+pub(crate) fn depth(ix: &Index, tokens: &[u32], worker: &str) -> u32 {
+    ix.match_prefix(&Query::new("m", tokens)).into_iter().find(|(w, _)| *w == worker).unwrap().1
+}
+
+pub(crate) fn two_workers() -> Index {
+    let mut ix = Index::default();
+    ix.add_worker("a", "m").unwrap();
+    ix.add_worker("b", "m").unwrap();
+    ix
+}
