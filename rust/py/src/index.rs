@@ -149,8 +149,8 @@ impl Index {
     }
 
     /// Remove a worker and purge everything it holds; False if unknown.
-    fn remove_worker(&self, py: Python<'_>, worker_id: &str) -> bool {
-        detached(py, || self.inner.write().remove_worker(worker_id))
+    fn remove_worker(&self, py: Python<'_>, worker_id: &str) -> PyResult<bool> {
+        detached(py, || self.inner.write().remove_worker(worker_id)).map_err(to_py)
     }
 
     /// Drop everything a worker holds; it stays registered.
@@ -168,7 +168,13 @@ impl Index {
                 // Decode outside the lock: readers only wait for the apply itself.
                 let result =
                     wire::decode_with(data, Mode::Index, &mut bufs).map_err(IndexError::from).and_then(|batch| {
-                        let st = self.inner.write().apply_decoded(worker_id, &batch, seq);
+                        let mut ix = self.inner.write();
+                        let st = ix.apply_decoded(worker_id, &batch, seq);
+                        if let (Ok(_), Some(seq)) = (&st, seq) {
+                            // The position a resumed stream checks: seq and payload digest.
+                            ix.set_position(worker_id, Some(seq), kvsync_core::payload_digest(data))?;
+                        }
+                        drop(ix);
                         bufs.recycle(batch);
                         st
                     });
@@ -198,6 +204,9 @@ impl Index {
                 let batch = wire::decode(p, Mode::Index).map_err(|e| IndexError::Decode(e.in_payload(i)))?;
                 let seq = first_seq.map(|s| s + i as u64);
                 total.add(&ix.apply_decoded(worker_id, &batch, seq)?);
+                if let Some(seq) = seq {
+                    ix.set_position(worker_id, Some(seq), kvsync_core::payload_digest(p))?;
+                }
             }
             Ok(total)
         })

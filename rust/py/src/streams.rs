@@ -1,7 +1,8 @@
-//! `Streams`: the stream state machines of a set of workers applying into
-//! one index, and `WorkerStatus`.
+//! `Streams`: the Python face of the event streams the core index follows
+//! (one per worker), and `WorkerStatus`. The stream state lives in the core
+//! index, so every call takes the index's one lock, detached.
 
-use kvsync_core::IndexError;
+use kvsync_core::{IndexError, StreamConfig, Todo};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
@@ -13,11 +14,14 @@ use crate::lock::detached;
 #[pyclass(frozen, get_all, module = "kvsync._core")]
 pub(crate) struct WorkerStatus {
     worker: String,
+    /// connecting, replaying, live, degraded, disconnected or stopped.
     state: &'static str,
     last_seq: Option<u64>,
     batches: u64,
     events: u64,
     gaps: u64,
+    /// Live seqs that never arrived on the live stream.
+    dropped: u64,
     replays: u64,
     lost_batches: u64,
     resets: u64,
@@ -25,21 +29,32 @@ pub(crate) struct WorkerStatus {
     duplicates: u64,
     purges: u64,
     timeouts: u64,
+    abandoned: u64,
+    overflows: u64,
+    disconnects: u64,
     buffered: usize,
+    buffered_bytes: usize,
     /// Seconds since the last applied batch (None before the first).
     seconds_since_last_event: Option<f64>,
+    /// Seconds since the publisher disconnected (None while connected).
+    seconds_disconnected: Option<f64>,
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "None".to_owned(), |v| v.to_string())
 }
 
 #[pymethods]
 impl WorkerStatus {
     fn __repr__(&self) -> String {
         format!(
-            "WorkerStatus({:?}, state={:?}, last_seq={:?}, batches={}, gaps={}, replays={}, lost_batches={}, resets={}, malformed={})",
+            "WorkerStatus({:?}, state={:?}, last_seq={}, batches={}, gaps={}, dropped={}, replays={}, lost_batches={}, resets={}, malformed={})",
             self.worker,
             self.state,
-            self.last_seq,
+            opt(self.last_seq),
             self.batches,
             self.gaps,
+            self.dropped,
             self.replays,
             self.lost_batches,
             self.resets,
@@ -48,83 +63,80 @@ impl WorkerStatus {
     }
 }
 
+impl WorkerStatus {
+    fn of(worker: &str, s: &kvsync_core::Stream, now: f64) -> WorkerStatus {
+        let c = s.counters();
+        let (buffered, buffered_bytes) = s.buffered();
+        WorkerStatus {
+            worker: worker.to_owned(),
+            state: s.state().name(),
+            last_seq: s.last_seq(),
+            batches: c.batches,
+            events: c.events,
+            gaps: c.gaps,
+            dropped: c.dropped,
+            replays: c.replays,
+            lost_batches: c.lost,
+            resets: c.resets,
+            malformed: c.malformed,
+            duplicates: c.duplicates,
+            purges: c.purges,
+            timeouts: c.timeouts,
+            abandoned: c.abandoned,
+            overflows: c.overflows,
+            disconnects: c.disconnects,
+            buffered,
+            buffered_bytes,
+            seconds_since_last_event: s.last_event().map(|t| (now - t).max(0.0)),
+            seconds_disconnected: s.disconnected_at().map(|t| (now - t).max(0.0)),
+        }
+    }
+}
+
 pub(crate) fn seq_of(frame: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(frame).ok().map(u64::from_be_bytes)
 }
 
-/// The stream state machines of a set of workers, applying into one index
-/// (the transport in `kvsync.transport` feeds it what the sockets receive).
-/// Each input returns the seq to request a replay from (on a fresh DEALER),
-/// or None.
+/// The event streams of a set of workers, applying into one index (the
+/// transport in `kvsync.transport` feeds it what the sockets receive). Each
+/// input returns the seq to request a replay from (on a fresh DEALER), or
+/// None. Unknown (or no longer followed) workers raise KeyError.
 #[pyclass(frozen, module = "kvsync._core")]
 pub(crate) struct Streams {
     index: Py<Index>,
-    streams: parking_lot::Mutex<std::collections::HashMap<String, kvsync_core::Stream>>,
 }
 
 impl Streams {
-    /// Run `f` on a worker's stream and the index, detached.
+    /// Run `f` on the core index under its write lock, detached.
     fn with<T: Send>(
         &self,
         py: Python<'_>,
-        worker: &str,
-        f: impl Send + FnOnce(&mut kvsync_core::Stream, &mut kvsync_core::Index) -> Result<T, IndexError>,
+        f: impl Send + FnOnce(&mut kvsync_core::Index) -> Result<T, IndexError>,
     ) -> PyResult<T> {
         let index = self.index.get();
-        detached(py, || {
-            let mut streams = self.streams.lock();
-            let s = streams.get_mut(worker).ok_or_else(|| IndexError::UnknownWorker(worker.to_owned()))?;
-            let mut ix = index.inner.write();
-            f(s, &mut ix)
-        })
-        .map_err(to_py)
+        detached(py, || f(&mut index.inner.write())).map_err(to_py)
     }
 }
 
-pub(crate) type OnMessage = fn(
-    &mut kvsync_core::Stream,
-    &mut kvsync_core::Index,
-    &str,
-    u64,
-    &[u8],
-    f64,
-) -> Result<kvsync_core::Todo, IndexError>;
-
-impl Streams {
-    /// A message with a seq frame: a seq frame that is not 8 bytes is
-    /// counted as malformed.
-    fn message(
-        &self,
-        py: Python<'_>,
-        worker_id: &str,
-        seq: &[u8],
-        data: &[u8],
-        now: f64,
-        on: OnMessage,
-    ) -> PyResult<Option<u64>> {
-        let seq = seq_of(seq);
-        self.with(py, worker_id, |s, ix| match seq {
-            Some(seq) => on(s, ix, worker_id, seq, data, now).map(|t| t.replay_from),
-            None => {
-                s.malformed_frame();
-                Ok(None)
-            }
-        })
-    }
+fn from(t: Todo) -> Option<u64> {
+    t.replay_from
 }
 
 #[pymethods]
 impl Streams {
     #[new]
     fn new(index: Py<Index>) -> Self {
-        Streams { index, streams: parking_lot::Mutex::new(std::collections::HashMap::new()) }
+        Streams { index }
     }
 
     /// Follow worker `worker_id` of `model` (registering it in the index if
     /// needed; a worker already in the index, e.g. from a snapshot, resumes
     /// from its saved position). Call `start` once its publisher is
-    /// connected.
-    #[pyo3(signature = (worker_id, model, replay=true, replay_timeout=2.0, clean_secs=10.0, max_buffered=100_000))]
+    /// connected. Raises ValueError if the worker is already followed.
+    #[pyo3(signature = (
+        worker_id, model, replay=true, replay_timeout=2.0, clean_secs=10.0, max_buffered=100_000,
+        max_buffered_bytes=256 << 20, dead_after=10.0, idle_probe=3.0, replay_max=30.0
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
@@ -135,40 +147,43 @@ impl Streams {
         replay_timeout: f64,
         clean_secs: f64,
         max_buffered: usize,
+        max_buffered_bytes: usize,
+        dead_after: f64,
+        idle_probe: f64,
+        replay_max: f64,
     ) -> PyResult<()> {
-        let index = self.index.get();
-        detached(py, || {
-            let mut ix = index.inner.write();
-            ix.add_worker(worker_id, model)?;
-            let (last, digest) = ix.position(worker_id)?;
-            let cfg = kvsync_core::StreamConfig { replay, replay_timeout, clean_secs, max_buffered };
-            let s = kvsync_core::Stream::new(cfg, last, Some(digest));
-            self.streams.lock().insert(worker_id.to_owned(), s);
-            Ok(())
-        })
-        .map_err(to_py)
+        let config = StreamConfig {
+            replay,
+            replay_timeout,
+            replay_max,
+            clean_secs,
+            max_buffered,
+            max_buffered_bytes,
+            dead_after,
+            idle_probe,
+        };
+        self.with(py, |ix| ix.follow(worker_id, model, config))
     }
 
     /// The worker's publisher is connected: begin (replay from the start, or
     /// verify a resumed position). Returns the replay start to request.
     fn start(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
-        self.with(py, worker_id, |s, ix| s.start(ix, worker_id, now).map(|t| t.replay_from))
+        self.with(py, |ix| ix.stream_start(worker_id, now).map(from))
     }
 
-    /// Stop following a worker and purge it from the index.
-    fn remove(&self, py: Python<'_>, worker_id: &str) -> bool {
-        let index = self.index.get();
-        detached(py, || {
-            let known = self.streams.lock().remove(worker_id).is_some();
-            index.inner.write().remove_worker(worker_id) || known
-        })
+    /// Stop following a worker and remove it (with its holdings) from the
+    /// index. False if it was not there.
+    fn remove(&self, py: Python<'_>, worker_id: &str) -> PyResult<bool> {
+        self.with(py, |ix| Ok(ix.unfollow(worker_id)))
     }
 
-    fn workers(&self) -> Vec<String> {
-        self.streams.lock().keys().cloned().collect()
+    /// The followed workers.
+    fn workers(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.with(py, |ix| Ok(ix.streams().map(|(w, _)| w.to_owned()).collect()))
     }
 
-    /// A live message `[topic, seq, payload]`.
+    /// A live message `[topic, seq, payload]` (a seq frame that is not 8
+    /// bytes is counted as malformed).
     fn live(
         &self,
         py: Python<'_>,
@@ -177,7 +192,8 @@ impl Streams {
         payload: PyBackedBytes,
         now: f64,
     ) -> PyResult<Option<u64>> {
-        self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::live)
+        let seq = seq_of(seq);
+        self.with(py, |ix| ix.stream_live(worker_id, seq, &payload, now).map(from))
     }
 
     /// Several live messages of one worker, in arrival order, under one lock
@@ -191,20 +207,7 @@ impl Streams {
         now: f64,
     ) -> PyResult<Option<u64>> {
         let msgs: Vec<(Option<u64>, &[u8])> = messages.iter().map(|(seq, p)| (seq_of(seq), &**p)).collect();
-        self.with(py, worker_id, |s, ix| {
-            let mut replay = None;
-            for (seq, data) in msgs {
-                match seq {
-                    Some(seq) => {
-                        if let Some(from) = s.live(ix, worker_id, seq, data, now)?.replay_from {
-                            replay = Some(from);
-                        }
-                    }
-                    None => s.malformed_frame(),
-                }
-            }
-            Ok(replay)
-        })
+        self.with(py, |ix| ix.stream_live_many(worker_id, msgs, now).map(from))
     }
 
     /// A replay reply `(seq, payload)`; the end marker is passed to
@@ -217,68 +220,42 @@ impl Streams {
         payload: PyBackedBytes,
         now: f64,
     ) -> PyResult<Option<u64>> {
-        self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::replayed)
+        let seq = seq_of(seq);
+        self.with(py, |ix| ix.stream_replayed(worker_id, seq, &payload, now).map(from))
     }
 
     fn replay_end(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
-        self.with(py, worker_id, |s, ix| s.replay_end(ix, worker_id, now).map(|t| t.replay_from))
+        self.with(py, |ix| ix.stream_replay_end(worker_id, now).map(from))
     }
 
-    /// The SUB socket reconnected to the publisher.
+    /// The SUB socket (re)connected to the publisher: call on every
+    /// reconnect, also while a replay runs.
     fn reconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
-        self.with(py, worker_id, |s, ix| s.reconnected(ix, worker_id, now).map(|t| t.replay_from))
+        self.with(py, |ix| ix.stream_reconnected(worker_id, now).map(from))
     }
 
-    /// Replay deadlines and clean periods: `[(worker_id, replay_from)]` to request.
+    /// The publisher connection dropped (state `disconnected`; purged after
+    /// `dead_after` seconds unless it reconnects).
+    fn disconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<()> {
+        self.with(py, |ix| ix.stream_disconnected(worker_id, now))
+    }
+
+    /// Replay deadlines, dead workers, idle probes and clean periods:
+    /// `[(worker_id, replay_from)]` to request.
     fn tick(&self, py: Python<'_>, now: f64) -> PyResult<Vec<(String, u64)>> {
-        let index = self.index.get();
-        detached(py, || {
-            let mut streams = self.streams.lock();
-            let mut ix = index.inner.write();
-            let mut out = Vec::new();
-            for (w, s) in streams.iter_mut() {
-                if let Some(from) = s.tick(&mut ix, w, now)?.replay_from {
-                    out.push((w.clone(), from));
-                }
-            }
-            Ok(out)
-        })
-        .map_err(to_py)
+        self.with(py, |ix| ix.stream_tick(now))
     }
 
     /// Mark a worker's stream stopped (its holdings stay until `remove`).
-    fn stop(&self, worker_id: &str) {
-        if let Some(s) = self.streams.lock().get_mut(worker_id) {
-            s.stop();
-        }
+    fn stop(&self, py: Python<'_>, worker_id: &str) -> PyResult<()> {
+        self.with(py, |ix| match ix.stream_stop(worker_id) {
+            Err(IndexError::UnknownWorker(_)) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        })
     }
 
     /// `{worker_id: WorkerStatus}`.
-    fn status(&self, now: f64) -> std::collections::BTreeMap<String, WorkerStatus> {
-        self.streams
-            .lock()
-            .iter()
-            .map(|(w, s)| {
-                let c = s.counters();
-                let st = WorkerStatus {
-                    worker: w.clone(),
-                    state: s.state().name(),
-                    last_seq: s.last_seq(),
-                    batches: c.batches,
-                    events: c.events,
-                    gaps: c.gaps,
-                    replays: c.replays,
-                    lost_batches: c.lost,
-                    resets: c.resets,
-                    malformed: c.malformed,
-                    duplicates: c.duplicates,
-                    purges: c.purges,
-                    timeouts: c.timeouts,
-                    buffered: s.buffered(),
-                    seconds_since_last_event: s.last_event().map(|t| (now - t).max(0.0)),
-                };
-                (w.clone(), st)
-            })
-            .collect()
+    fn status(&self, py: Python<'_>, now: f64) -> PyResult<std::collections::BTreeMap<String, WorkerStatus>> {
+        self.with(py, |ix| Ok(ix.streams().map(|(w, s)| (w.to_owned(), WorkerStatus::of(w, s, now))).collect()))
     }
 }

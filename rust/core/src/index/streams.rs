@@ -129,7 +129,13 @@ impl Index {
     }
 
     /// A replay reply; `seq` is None when its frames were malformed.
-    pub fn stream_replayed(&mut self, id: &str, seq: Option<u64>, payload: &[u8], now: f64) -> Result<Todo, IndexError> {
+    pub fn stream_replayed(
+        &mut self,
+        id: &str,
+        seq: Option<u64>,
+        payload: &[u8],
+        now: f64,
+    ) -> Result<Todo, IndexError> {
         self.with_stream(id, |s, sink| match seq {
             Some(seq) => s.replayed(sink, seq, payload, now),
             None => {

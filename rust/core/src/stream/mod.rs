@@ -322,7 +322,8 @@ impl Stream {
 
     fn ask(&mut self, pending: Pending, now: f64) -> Todo {
         let from = pending.from();
-        self.replay = Some(Replay { pending, deadline: now + self.config.replay_timeout, started: false, progressed: false });
+        self.replay =
+            Some(Replay { pending, deadline: now + self.config.replay_timeout, started: false, progressed: false });
         self.episode.get_or_insert(now);
         self.state = State::Replaying;
         self.counters.replays += 1;

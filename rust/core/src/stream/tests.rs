@@ -53,7 +53,14 @@ fn batch(seq: u64) -> Vec<u8> {
 fn setup(replay: bool) -> (Index, Stream) {
     let mut ix = Index::default();
     ix.add_worker("w", "m").unwrap();
-    let cfg = StreamConfig { replay, replay_timeout: 1.0, clean_secs: 5.0, max_buffered: 100, idle_probe: 0.0, ..StreamConfig::default() };
+    let cfg = StreamConfig {
+        replay,
+        replay_timeout: 1.0,
+        clean_secs: 5.0,
+        max_buffered: 100,
+        idle_probe: 0.0,
+        ..StreamConfig::default()
+    };
     (ix, Stream::new(cfg, None, 0))
 }
 
