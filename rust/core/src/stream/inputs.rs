@@ -62,7 +62,7 @@ impl Stream {
         self.counters.dropped += seq - expected;
         if self.config.replay {
             self.buffer(seq, payload);
-            return Ok(self.ask(Pending::Fill { from: expected }, now));
+            return Ok(self.ask_from(expected, now));
         }
         self.lose_until(sink, expected, seq, payload, now)?;
         self.state = State::Degraded;
@@ -172,7 +172,7 @@ impl Stream {
                     // Ask once more from where we are.
                     self.counters.gaps += 1;
                     self.reasked = Some(expected);
-                    return Ok(self.ask(Pending::Fill { from: expected }, now));
+                    return Ok(self.ask_from(expected, now));
                 }
                 // Asked again and it did not come: it is lost.
                 self.counters.abandoned += 1;
@@ -238,7 +238,7 @@ impl Stream {
                     // end marker (the engine's ROUTER dropped the tail at its
                     // high-water mark): ask again from where we are.
                     let from = self.last.map_or(0, |l| l + 1);
-                    return Ok(self.ask(Pending::Fill { from }, now));
+                    return Ok(self.ask_from(from, now));
                 }
                 return self.abandon(sink, now);
             }

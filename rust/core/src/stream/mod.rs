@@ -330,6 +330,18 @@ impl Stream {
         Todo { replay_from: Some(from) }
     }
 
+    /// Ask for the batches from `from` on. When the batch before it is the
+    /// last one applied, ask from that one instead, as a probe: a replay
+    /// then also proves that the engine answering is the one whose history
+    /// we hold (a restarted engine whose first live batches were lost would
+    /// otherwise fill the gap with its own, spliced onto the old history).
+    fn ask_from(&mut self, from: u64, now: f64) -> Todo {
+        match self.last {
+            Some(l) if from > 0 && l == from - 1 => self.ask(Pending::Probe { seq: l, digest: self.digest }, now),
+            _ => self.ask(Pending::Fill { from }, now),
+        }
+    }
+
     fn probe(&mut self, now: f64) -> Todo {
         match self.last {
             Some(seq) => self.ask(Pending::Probe { seq, digest: self.digest }, now),

@@ -110,8 +110,9 @@ fn gap_is_filled_by_replay() {
     s.live(&mut Sk(&mut ix), 1, &batch(1), 0.1).unwrap();
     // seq 2 and 3 were dropped
     let todo = s.live(&mut Sk(&mut ix), 4, &batch(4), 0.2).unwrap();
-    assert_eq!(todo.replay_from, Some(2));
-    for seq in 2..5 {
+    // asked from the last applied seq: the reply proves it is the same engine
+    assert_eq!(todo.replay_from, Some(1));
+    for seq in 1..5 {
         s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 0.3).unwrap();
     }
     s.replay_end(&mut Sk(&mut ix), 0.3).unwrap();
@@ -124,7 +125,7 @@ fn gap_is_filled_by_replay() {
 fn gap_beyond_the_engine_buffer_purges_and_degrades() {
     let (mut ix, mut s) = setup(true);
     started(&mut ix, &mut s, 3);
-    assert_eq!(s.live(&mut Sk(&mut ix), 9, &batch(9), 1.0).unwrap().replay_from, Some(3));
+    assert_eq!(s.live(&mut Sk(&mut ix), 9, &batch(9), 1.0).unwrap().replay_from, Some(2));
     // the engine only has 7.. left
     for seq in 7..10 {
         s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 1.1).unwrap();
@@ -273,16 +274,16 @@ fn a_replay_whose_tail_was_dropped_is_asked_again_not_purged() {
         s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 0.1).unwrap();
     }
     // seq 5..8 and the end marker never come
-    assert_eq!(s.tick(&mut Sk(&mut ix), 1.2).unwrap().replay_from, Some(5));
+    assert_eq!(s.tick(&mut Sk(&mut ix), 1.2).unwrap().replay_from, Some(4));
     assert_eq!((s.state(), s.counters().purges, depth(&ix)), (State::Replaying, 0, 5));
-    for seq in 5..8 {
+    for seq in 4..8 {
         s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 1.3).unwrap();
     }
     s.replay_end(&mut Sk(&mut ix), 1.3).unwrap();
     let c = s.counters();
     assert_eq!((s.state(), c.purges, c.lost, c.timeouts, depth(&ix)), (State::Live, 0, 0, 1, 8));
     // a re-asked replay that brings nothing does end in a purge
-    assert_eq!(s.live(&mut Sk(&mut ix), 10, &batch(10), 2.0).unwrap().replay_from, Some(8));
+    assert_eq!(s.live(&mut Sk(&mut ix), 10, &batch(10), 2.0).unwrap().replay_from, Some(7));
     s.tick(&mut Sk(&mut ix), 3.1).unwrap();
     assert_eq!(s.counters().purges, 1);
 }
@@ -347,7 +348,7 @@ fn an_engine_restart_during_a_replay_is_probed_not_spliced() {
     let (mut ix, mut s) = setup(true);
     started(&mut ix, &mut s, 4);
     // a gap opens a fill from 4
-    assert_eq!(s.live(&mut Sk(&mut ix), 6, &batch(6), 1.0).unwrap().replay_from, Some(4));
+    assert_eq!(s.live(&mut Sk(&mut ix), 6, &batch(6), 1.0).unwrap().replay_from, Some(3));
     // the engine restarts meanwhile: the reconnect must not be dropped
     assert_eq!(s.reconnected(&mut Sk(&mut ix), 1.1).unwrap().replay_from, Some(3));
     // the new engine has nothing: only the end marker
@@ -363,7 +364,7 @@ fn a_restart_while_a_fill_is_pending_is_not_spliced_onto_the_old_history() {
     // 0..8 arrive (B stores other blocks under the same seqs).
     let (mut ix, mut s) = setup(true);
     started(&mut ix, &mut s, 6);
-    assert_eq!(s.live(&mut Sk(&mut ix), 7, &batch(7), 1.0).unwrap().replay_from, Some(6));
+    assert_eq!(s.live(&mut Sk(&mut ix), 7, &batch(7), 1.0).unwrap().replay_from, Some(5));
     let b = |seq: u64| store(100.0 + seq as f64, 1000 + seq, (seq > 0).then_some(999 + seq));
     let todo = s.live(&mut Sk(&mut ix), 0, &b(0), 1.1).unwrap();
     assert_eq!(todo.replay_from, Some(0), "a live seq below the last applied is a restart");
@@ -382,7 +383,7 @@ fn a_restart_while_a_fill_is_pending_is_not_spliced_onto_the_old_history() {
 fn a_gap_fill_answered_by_only_the_end_marker_is_a_restart() {
     let (mut ix, mut s) = setup(true);
     started(&mut ix, &mut s, 4);
-    assert_eq!(s.live(&mut Sk(&mut ix), 6, &batch(6), 1.0).unwrap().replay_from, Some(4));
+    assert_eq!(s.live(&mut Sk(&mut ix), 6, &batch(6), 1.0).unwrap().replay_from, Some(3));
     // the engine has nothing at or after 4 although 6 was published
     assert_eq!(s.replay_end(&mut Sk(&mut ix), 1.1).unwrap().replay_from, Some(0));
     assert_eq!((depth(&ix), s.counters().resets, s.buffered().0), (0, 1, 0));
@@ -475,4 +476,24 @@ fn live_gaps_count_the_dropped_seqs() {
     s.live(&mut Sk(&mut ix), 5, &batch(5), 1.0).unwrap();
     let c = s.counters();
     assert_eq!((c.gaps, c.dropped), (1, 3));
+}
+
+#[test]
+fn a_restarted_engine_whose_first_live_batches_were_lost_is_not_spliced_by_a_gap_fill() {
+    // engine A applied 0..3; it restarts as B, whose seqs 0..4 are lost to
+    // the slow joiner; B's seq 5 arrives before the reconnect is seen.
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 4);
+    let b = |seq: u64| store(100.0 + seq as f64, 1000 + seq, (seq > 0).then_some(999 + seq));
+    assert_eq!(s.live(&mut Sk(&mut ix), 5, &b(5), 1.0).unwrap().replay_from, Some(3));
+    // B answers with its own seq 3: not the batch applied under 3
+    let todo = s.replayed(&mut Sk(&mut ix), 3, &b(3), 1.1).unwrap();
+    assert_eq!(todo.replay_from, Some(0));
+    assert_eq!((ix.stats().holdings, s.counters().resets), (0, 1));
+    // B's whole history replaces A's
+    for seq in 0..6 {
+        s.replayed(&mut Sk(&mut ix), seq, &b(seq), 1.2).unwrap();
+    }
+    s.replay_end(&mut Sk(&mut ix), 1.2).unwrap();
+    assert_eq!((s.state(), ix.stats().holdings, depth(&ix)), (State::Live, 6, 0));
 }
