@@ -2,6 +2,7 @@
 .DEFAULT_GOAL := help
 PYTHON ?= python
 FUZZ_CASES ?= 2000000
+STREAM_CASES ?= 200000
 
 .PHONY: help
 help: ## list the targets
@@ -39,8 +40,9 @@ bench: ## pytest-benchmark suite (needs `make install` first) and criterion
 	cargo bench -p kvsync-core --bench index -- --warm-up-time 1 --measurement-time 3
 
 .PHONY: fuzz
-fuzz: ## long proptest fuzz run of the decoder and index (FUZZ_CASES=...)
+fuzz: ## long proptest runs: decoder and index fuzz, stream model (FUZZ_CASES=..., STREAM_CASES=...)
 	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release -p kvsync-core --test fuzz
+	PROPTEST_CASES=$(STREAM_CASES) cargo test --release -p kvsync-core --test stream_model
 
 .PHONY: ci
 ci: ## what CI runs

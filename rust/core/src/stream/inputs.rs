@@ -12,7 +12,7 @@ impl Stream {
             return Ok(Todo::NONE);
         }
         self.last_heard = Some(now);
-        self.idle_probed = false;
+        self.idle_probes = 0;
         // One engine never repeats a live seq: at or below one already
         // applied or seen, it is a new engine process.
         let seen = self.last.max(self.live_high);
@@ -39,8 +39,15 @@ impl Stream {
             return Ok(Todo::NONE);
         }
         let Some(last) = self.last else {
-            // First message of a stream without replay (or after a purge
-            // that went on from the live stream): take it as the start.
+            if self.config.replay && seq > 0 {
+                // Batches before this one were published and never seen
+                // (a slow joiner, or after a purge): fetch them.
+                self.counters.gaps += 1;
+                self.counters.dropped += seq;
+                self.buffer(seq, payload);
+                return Ok(self.ask(Pending::Fill { from: 0 }, now));
+            }
+            // First message of a stream without replay: take it as the start.
             if !self.config.replay && seq > 0 {
                 // Joined late with no way to fetch what came before.
                 self.counters.lost += seq;
@@ -94,7 +101,8 @@ impl Stream {
                         // The engine's buffer no longer holds what we applied
                         // last: we cannot tell what happened in between.
                         self.replay = Some(super::Replay { pending: Pending::Fill { from: seq }, ..r });
-                        self.lose_until(sink, want + 1, seq, payload, now)?;
+                        // (`want` itself counts: it cannot be verified.)
+                        self.lose_until(sink, want, seq, payload, now)?;
                         return Ok(Todo::NONE);
                     }
                     if payload_digest(payload) != digest {
@@ -244,17 +252,19 @@ impl Stream {
             }
             return Ok(Todo::NONE);
         }
-        let quiet = self.last_heard.is_some_and(|t| now - t >= self.config.idle_probe);
+        // Probes of a silent worker back off: idle_probe, then twice that,
+        // ... up to 32 times it, until something arrives.
+        let wait = self.config.idle_probe * f64::from(1u32 << self.idle_probes.min(5));
+        let quiet = self.last_heard.is_some_and(|t| now - t >= wait);
         if self.config.replay
             && self.config.idle_probe > 0.0
             && quiet
-            && !self.idle_probed
-            && self.last.is_some()
             && matches!(self.state, State::Live | State::Degraded)
         {
-            // Silent for a while: the tail of a burst may never have
-            // arrived, and no later seq would reveal it. Probe once.
-            self.idle_probed = true;
+            // Silent for a while: the tail of a burst (or, before anything
+            // arrived, its first batches) may have been lost, and no later
+            // seq would reveal it.
+            self.idle_probes += 1;
             return Ok(self.probe(now));
         }
         if self.state == State::Degraded {
@@ -277,6 +287,13 @@ impl Stream {
             if self.state == State::Connecting {
                 // Not started yet: `start` fetches the history.
                 return Ok(Todo::NONE);
+            }
+            if self.last.is_none() {
+                // Nothing applied to check the engine against: what was
+                // buffered from the old connection may be another process's;
+                // the replay from 0 brings it again if it is this one's.
+                self.clear_buffer();
+                self.live_high = None;
             }
             return Ok(self.probe(now));
         }

@@ -143,7 +143,8 @@ pub struct StreamConfig {
     pub max_buffered_bytes: usize,
     /// Seconds a disconnected worker keeps its holdings.
     pub dead_after: f64,
-    /// Seconds of silence after which a live worker is probed once (0: never).
+    /// Seconds of silence after which a live worker is probed (then at
+    /// doubling intervals up to 32 times this while it stays silent; 0: never).
     pub idle_probe: f64,
 }
 
@@ -251,7 +252,8 @@ pub struct Stream {
     last_event: Option<f64>,
     /// Last time anything arrived from the engine (live or replay).
     last_heard: Option<f64>,
-    idle_probed: bool,
+    /// Idle probes sent since the last live message.
+    idle_probes: u32,
     incident_at: Option<f64>,
     disconnected_at: Option<f64>,
 }
@@ -280,7 +282,7 @@ impl Stream {
             counters: StreamCounters::default(),
             last_event: None,
             last_heard: None,
-            idle_probed: false,
+            idle_probes: 0,
             incident_at: None,
             disconnected_at: None,
         }
