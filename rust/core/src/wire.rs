@@ -275,6 +275,27 @@ impl<'a> Cursor<'a> {
         ))
     }
 
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// How many elements of a container that claims `claimed` may be
+    /// reserved up front: no more than the rest of the payload can encode
+    /// (`min_bytes` each), and no more memory than the rest of the payload
+    /// takes. A lying length header then costs at most the payload's size.
+    fn room<T>(&self, claimed: usize, min_bytes: usize) -> usize {
+        let left = self.remaining();
+        claimed.min(left / min_bytes).min(left / std::mem::size_of::<T>().max(1))
+    }
+
+    /// [`Cursor::room`] for generic values, which nest: every level of a
+    /// lying nest would reserve again, so each level reserves at most a few
+    /// elements and longer (real) arrays grow as they are read.
+    fn nested_room(&self, claimed: usize, min_bytes: usize) -> usize {
+        const NESTED_RESERVE: usize = 8;
+        claimed.min(self.remaining() / min_bytes).min(NESTED_RESERVE)
+    }
+
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| self.eof(what))?;
         let s = &self.buf[self.pos..end];
@@ -408,9 +429,8 @@ impl<'a> Decoder<'a> {
             Some(k) if is_array(m) => k,
             _ => return Err(DecodeError::new(format!("batch events: expected array, got {}", marker_name(m)))),
         };
-        // Never reserve from a length prefix: each event is at least one byte.
-        let remaining = self.cur.buf.len() - self.cur.pos;
-        self.batch.events.reserve(n_events.min(remaining));
+        // A kept event takes at least 13 bytes on the wire (`["BlockStored"]`).
+        self.batch.events.reserve(self.cur.room::<Event<'_>>(n_events, 13));
         for i in 0..n_events {
             self.event(i)?;
         }
@@ -577,7 +597,7 @@ impl<'a> Decoder<'a> {
                     _ => return Err(self.expected(at, "array of token ids", m)),
                 };
                 let start = self.batch.tokens.len();
-                self.batch.tokens.reserve(n.min(self.cur.buf.len() - self.cur.pos));
+                self.batch.tokens.reserve(self.cur.room::<u32>(n, 1));
                 for _ in 0..n {
                     // Fast path for the encodings token ids actually use
                     // (fixint, uint8/16/32), without a branch on the width:
@@ -645,7 +665,7 @@ impl<'a> Decoder<'a> {
                     Some(n) if is_array(m) => n,
                     _ => return Err(self.expected(at, "array (one entry per block) or nil", m)),
                 };
-                let mut per_block = Vec::with_capacity(n.min(self.cur.buf.len() - self.cur.pos));
+                let mut per_block = Vec::with_capacity(self.cur.room::<Option<Vec<Value<'_>>>>(n, 1));
                 for _ in 0..n {
                     let m = self.cur.marker()?;
                     if m == Marker::Null {
@@ -656,7 +676,7 @@ impl<'a> Decoder<'a> {
                         Some(k) if is_array(m) => k,
                         _ => return Err(self.expected(at, "array of extra keys or nil per block", m)),
                     };
-                    let mut keys = Vec::with_capacity(k.min(self.cur.buf.len() - self.cur.pos));
+                    let mut keys = Vec::with_capacity(self.cur.nested_room(k, 1));
                     for _ in 0..k {
                         keys.push(self.value(1, at)?);
                     }
@@ -802,7 +822,7 @@ impl<'a> Decoder<'a> {
             }
             Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
                 let n = self.cur.len_of(m)?.unwrap_or(0);
-                let mut items = Vec::with_capacity(n.min(self.cur.buf.len() - self.cur.pos));
+                let mut items = Vec::with_capacity(self.cur.nested_room(n, 1));
                 for _ in 0..n {
                     items.push(self.value(depth + 1, at)?);
                 }
@@ -810,7 +830,7 @@ impl<'a> Decoder<'a> {
             }
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
                 let n = self.cur.len_of(m)?.unwrap_or(0);
-                let mut items = Vec::with_capacity(n.min(self.cur.buf.len() - self.cur.pos));
+                let mut items = Vec::with_capacity(self.cur.nested_room(n, 2));
                 for _ in 0..n {
                     let k = self.value(depth + 1, at)?;
                     let v = self.value(depth + 1, at)?;
