@@ -101,11 +101,12 @@ pub enum Event<'a> {
 }
 
 impl Event<'_> {
+    /// The event's type tag on the wire (one of [`EVENT_TYPES`]).
     pub fn type_name(&self) -> &'static str {
         match self {
-            Event::Stored(_) => "BlockStored",
-            Event::Removed(_) => "BlockRemoved",
-            Event::Cleared => "AllBlocksCleared",
+            Event::Stored(_) => EVENT_TYPES[0],
+            Event::Removed(_) => EVENT_TYPES[1],
+            Event::Cleared => EVENT_TYPES[2],
         }
     }
 }
@@ -139,10 +140,18 @@ const TOKEN_WIDTH: [u8; 256] = {
     t
 };
 
-/// Field names of `BlockStored` in array (positional) order, vLLM 0.33.
-/// Position 6 is `lora_name` in vLLM and the `metadata` map in SGLang 0.5.18;
-/// the value's type tells them apart.
-const STORED_FIELDS: [&str; 15] = [
+/// The map key that holds an event's type tag (map-form events).
+pub const TYPE_KEY: &str = "type";
+
+/// The type tags of the events this decoder knows, as [`Event::type_name`]
+/// gives them.
+pub const EVENT_TYPES: &[&str] = &["BlockStored", "BlockRemoved", "AllBlocksCleared"];
+
+/// Every field name an [`Event`] can expose, for all event types: the
+/// `BlockStored` fields in vLLM 0.33's declaration order
+/// ([`BLOCK_STORED_FIELDS`]), then SGLang's additions ([`SGLANG_STORED_FIELDS`]).
+/// `kvsync.decode`'s events have one attribute per name (None when absent).
+pub const EVENT_FIELDS: &[&str] = &[
     "block_hashes",
     "parent_block_hash",
     "token_ids",
@@ -158,31 +167,42 @@ const STORED_FIELDS: [&str; 15] = [
     "ownership",
     "session_id",
     "lookahead_token_ids",
-];
-const REMOVED_FIELDS: [&str; 5] = ["block_hashes", "medium", "group_idx", "locality", "ownership"];
-
-/// Names of the generic fields kept in [`Mode::Full`], as `'static` strs.
-const OTHER_FIELDS: [&str; 7] = [
-    "kv_cache_spec_sliding_window",
-    "locality",
-    "ownership",
-    "session_id",
-    "lookahead_token_ids",
-    "metadata",
     "cache_salt",
+    "metadata",
 ];
 
-/// The field names of the known layouts, matched on raw bytes (saves the
-/// UTF-8 check on the hot path).
+/// `BlockStored` fields in array (positional) order, vLLM 0.33; older
+/// releases send a prefix of it. Position 6 is `lora_name` in vLLM and the
+/// `metadata` map in SGLang 0.5.18 (the value's type tells them apart).
+pub const BLOCK_STORED_FIELDS: &[&str] = EVENT_FIELDS.split_at(15).0;
+
+/// `BlockStored` fields only SGLang sends: `cache_salt` (a field from
+/// 0.5.20) and `metadata` (0.5.18's trailing `{"cache_salt": str}` map in
+/// array form). SGLang's `session_id` and `lora_name` share vLLM's names.
+pub const SGLANG_STORED_FIELDS: &[&str] = EVENT_FIELDS.split_at(15).1;
+
+/// `BlockRemoved` fields in array (positional) order, vLLM 0.33.
+pub const BLOCK_REMOVED_FIELDS: &[&str] = &["block_hashes", "medium", "group_idx", "locality", "ownership"];
+
+/// `AllBlocksCleared` has no fields.
+pub const ALL_BLOCKS_CLEARED_FIELDS: &[&str] = &[];
+
+/// The fields without a typed slot in [`Stored`]/[`Removed`]: kept as
+/// generic values in `other` in [`Mode::Full`], skipped in [`Mode::Index`]
+/// (except `cache_salt`, typed too, and `metadata`, read for its salt).
+const GENERIC_FIELDS: &[&str] = EVENT_FIELDS.split_at(10).1;
+
+/// The field names of the known layouts as `'static` strs, matched on raw
+/// bytes (saves the UTF-8 check on the hot path).
 fn known_key(raw: &[u8]) -> Option<&'static str> {
-    if raw == b"type" {
-        return Some("type");
+    if raw == TYPE_KEY.as_bytes() {
+        return Some(TYPE_KEY);
     }
-    STORED_FIELDS.iter().chain(&["cache_salt", "metadata"]).copied().find(|f| f.as_bytes() == raw)
+    EVENT_FIELDS.iter().copied().find(|f| f.as_bytes() == raw)
 }
 
 fn static_name(name: &str) -> Option<&'static str> {
-    OTHER_FIELDS.iter().copied().find(|n| *n == name)
+    GENERIC_FIELDS.iter().copied().find(|n| *n == name)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -192,12 +212,20 @@ enum Kind {
     Cleared,
 }
 
+const KINDS: [Kind; 3] = [Kind::Stored, Kind::Removed, Kind::Cleared];
+
 fn kind_of(tag: &str) -> Option<Kind> {
-    match tag {
-        "BlockStored" => Some(Kind::Stored),
-        "BlockRemoved" => Some(Kind::Removed),
-        "AllBlocksCleared" => Some(Kind::Cleared),
-        _ => None,
+    EVENT_TYPES.iter().position(|t| *t == tag).map(|i| KINDS[i])
+}
+
+impl Kind {
+    /// Field names in array (positional) order.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Stored => BLOCK_STORED_FIELDS,
+            Kind::Removed => BLOCK_REMOVED_FIELDS,
+            Kind::Cleared => ALL_BLOCKS_CLEARED_FIELDS,
+        }
     }
 }
 
@@ -483,7 +511,7 @@ impl<'a> Decoder<'a> {
     }
 
     fn array_event(&mut self, i: usize, n: usize) -> Result<(), DecodeError> {
-        let at = At { event: i, field: "type" };
+        let at = At { event: i, field: TYPE_KEY };
         if n == 0 {
             return Err(self.err(at, "empty event array (no type tag)"));
         }
@@ -496,11 +524,7 @@ impl<'a> Decoder<'a> {
             return Ok(());
         };
         let mut ev = EventBuilder::new(kind);
-        let names: &[&'static str] = match kind {
-            Kind::Stored => &STORED_FIELDS,
-            Kind::Removed => &REMOVED_FIELDS,
-            Kind::Cleared => &[],
-        };
+        let names = kind.fields();
         for pos in 0..n - 1 {
             match names.get(pos) {
                 Some(&name) => {
@@ -522,8 +546,8 @@ impl<'a> Decoder<'a> {
         let mut first_was_tag = false;
         for k in 0..n {
             let key = self.key(i)?;
-            if key == "type" {
-                tag = Some(self.tag(At { event: i, field: "type" })?);
+            if key == TYPE_KEY {
+                tag = Some(self.tag(At { event: i, field: TYPE_KEY })?);
                 first_was_tag = k == 0;
                 break;
             }
@@ -543,7 +567,7 @@ impl<'a> Decoder<'a> {
         for _ in 0..rest {
             let key = self.key(i)?;
             match (&mut ev, key) {
-                (_, "type") | (None, _) => self.skip(0, At { event: i, field: key })?,
+                (_, TYPE_KEY) | (None, _) => self.skip(0, At { event: i, field: key })?,
                 (Some(ev), _) => self.field(ev, i, key)?,
             }
         }
