@@ -51,21 +51,34 @@ _CHILD = textwrap.dedent(
         b"\\x9c" + s("BlockStored") + b"\\x91\\x07" + b"\\xc0" + b"\\x90" + b"\\x04"
         + b"\\xc0" + s("GPU") + b"\\xc0"
     )
+    # name -> (head, filler unit). 0xc1 is never valid msgpack: decoding
+    # stops at the first element. The other fillers are valid elements, so
+    # the decoder really holds one element per few bytes until the payload
+    # ends short of the claim (or memory runs out, which must be an error
+    # too: a 1-byte hash becomes a 24-byte entry).
+    BAD = b"\\xc1"
     CASES = {
-        "events": envelope(HUGE),
-        "block_hashes": envelope(b"\\x91") + map_store("block_hashes") + HUGE,
-        "token_ids": envelope(b"\\x91") + map_store("token_ids") + HUGE,
-        "extra_keys per block": envelope(b"\\x91") + map_store("extra_keys") + HUGE,
-        "extra_keys nested": envelope(HUGE) + map_store("extra_keys") + HUGE * 30,
-        "array-form extra_keys": envelope(b"\\x91") + ARRAY_STORE_PREFIX + HUGE * 30,
-        "lookahead_token_ids": envelope(b"\\x91") + map_store("lookahead_token_ids") + HUGE * 30,
+        "events": (envelope(HUGE), BAD),
+        "block_hashes": (envelope(b"\\x91") + map_store("block_hashes") + HUGE, BAD),
+        "token_ids": (envelope(b"\\x91") + map_store("token_ids") + HUGE, BAD),
+        "extra_keys per block": (envelope(b"\\x91") + map_store("extra_keys") + HUGE, BAD),
+        "extra_keys nested": (envelope(HUGE) + map_store("extra_keys") + HUGE * 30, BAD),
+        "array-form extra_keys": (envelope(b"\\x91") + ARRAY_STORE_PREFIX + HUGE * 30, BAD),
+        "lookahead_token_ids": (
+            envelope(b"\\x91") + map_store("lookahead_token_ids") + HUGE * 30,
+            BAD,
+        ),
+        "real events": (envelope(HUGE), b"\\x91" + s("AllBlocksCleared")),
+        "real block_hashes": (envelope(b"\\x91") + map_store("block_hashes") + HUGE, b"\\x00"),
+        "real extra_keys": (envelope(b"\\x91") + map_store("extra_keys") + HUGE, b"\\xc0"),
     }
 
     index = kvsync.Index()
     index.add_worker("w", model="m")
-    for name, head in CASES.items():
-        # 0xc1 is never valid msgpack: decoding stops at the first element.
-        payload = head + b"\\xc1" * (size - len(head))
+    for name, (head, unit) in CASES.items():
+        body = unit * ((size - len(head)) // len(unit))
+        payload = head + body + BAD * (size - len(head) - len(body))
+        del body
         for call in (kvsync.decode, lambda p: index.apply("w", p)):
             try:
                 call(payload)
@@ -86,11 +99,11 @@ def test_lying_lengths_raise_decode_error_under_1gib(size: int) -> None:
         [sys.executable, "-c", _CHILD, str(size)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         check=False,
     )
     assert proc.returncode == 0, (
         f"child exited with {proc.returncode} (-6 is SIGABRT: an allocation failed)\n"
         f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}"
     )
-    assert proc.stdout.split() == ["ok", "7"]
+    assert proc.stdout.split() == ["ok", "10"]

@@ -2,7 +2,9 @@
 //! at a position in the payload, and how much a claimed length may reserve.
 //!
 //! Every read checks the payload's end; a read that runs past it is a
-//! [`DecodeError`] at the byte where the read started.
+//! [`DecodeError`] at the byte where the read started. The vectors the
+//! decoder fills grow through [`push`] and [`reserve`], so running out of
+//! memory is a [`DecodeError`] too, not an abort.
 
 use rmp::Marker;
 
@@ -104,6 +106,45 @@ impl<'a> Cursor<'a> {
         let raw = self.take(n, what)?;
         std::str::from_utf8(raw).map_err(|_| DecodeError::new(format!("{what} is not UTF-8")).at_offset(start))
     }
+}
+
+/// `v.push(x)`, except that running out of memory is a [`DecodeError`]
+/// rather than an abort of the whole process: a payload can legitimately
+/// decode to ~25 times its size (a 1-byte hash becomes a 24-byte
+/// [`super::EngineHash`]), and one big enough would not fit.
+#[inline]
+pub(super) fn push<T>(v: &mut Vec<T>, x: T) -> Result<(), DecodeError> {
+    if v.len() == v.capacity() {
+        grow(v)?;
+    }
+    v.push(x);
+    Ok(())
+}
+
+#[cold]
+#[inline(never)]
+fn grow<T>(v: &mut Vec<T>) -> Result<(), DecodeError> {
+    let more = v.len().max(4);
+    reserve(v, more)
+}
+
+/// `v.reserve(n)`, with running out of memory as a [`DecodeError`].
+pub(super) fn reserve<T>(v: &mut Vec<T>, n: usize) -> Result<(), DecodeError> {
+    v.try_reserve(n).map_err(|_| {
+        DecodeError::new(format!(
+            "out of memory: the payload decodes to more than fits ({} more elements of {} bytes after {})",
+            n,
+            std::mem::size_of::<T>(),
+            v.len()
+        ))
+    })
+}
+
+/// `Vec::with_capacity(n)`, with running out of memory as a [`DecodeError`].
+pub(super) fn vec_with<T>(n: usize) -> Result<Vec<T>, DecodeError> {
+    let mut v = Vec::new();
+    reserve(&mut v, n)?;
+    Ok(v)
 }
 
 /// "expected `want`, got `<type of m>`" at the value that starts at `start`.

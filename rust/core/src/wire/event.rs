@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use rmp::Marker;
 
-use super::cursor::{expected, is_array, is_map, is_str, marker_name, Cursor};
+use super::cursor::{expected, is_array, is_map, is_str, marker_name, push, reserve, vec_with, Cursor};
 use super::{
     Batch, EngineHash, Event, Mode, Removed, Stored, Value, ALL_BLOCKS_CLEARED_FIELDS, BLOCK_REMOVED_FIELDS,
     BLOCK_STORED_FIELDS, EVENT_FIELDS, EVENT_TYPES, GENERIC_FIELDS, TYPE_KEY,
@@ -134,7 +134,7 @@ impl<'a> Decoder<'a> {
             Some(k) if is_array(m) => k,
             _ => return Err(expected("array (the batch's events)", m, start).at_field(ENVELOPE[1])),
         };
-        self.batch.events.reserve(self.cur.room::<Event<'_>>(n_events, MIN_EVENT_BYTES));
+        reserve(&mut self.batch.events, self.cur.room::<Event<'_>>(n_events, MIN_EVENT_BYTES))?;
         for i in 0..n_events {
             self.event().map_err(|e| e.within_event(i))?;
         }
@@ -293,7 +293,7 @@ impl<'a> Decoder<'a> {
             (Kind::Stored, "cache_salt") => {
                 ev.cache_salt = self.opt_str()?;
                 if self.mode == Mode::Full {
-                    ev.other.push(("cache_salt", ev.cache_salt.map_or(Value::Nil, Value::Str)));
+                    push(&mut ev.other, ("cache_salt", ev.cache_salt.map_or(Value::Nil, Value::Str)))?;
                 }
             }
             (Kind::Stored | Kind::Removed, "group_idx") => {
@@ -317,13 +317,13 @@ impl<'a> Decoder<'a> {
                     }
                 }
                 if self.mode == Mode::Full {
-                    ev.other.push(("metadata", v));
+                    push(&mut ev.other, ("metadata", v))?;
                 }
             }
             _ => match (self.mode, generic_name(name)) {
                 (Mode::Full, Some(stat)) => {
                     let v = self.cur.value(0)?;
-                    ev.other.push((stat, v));
+                    push(&mut ev.other, (stat, v))?;
                 }
                 _ => self.cur.skip(0)?,
             },
@@ -366,8 +366,7 @@ impl<'a> Decoder<'a> {
                 })
             }
         };
-        self.batch.events.push(event);
-        Ok(())
+        push(&mut self.batch.events, event)
     }
 
     /// An array of hashes (or nil, no blocks) appended to the batch's hashes.
@@ -384,7 +383,7 @@ impl<'a> Decoder<'a> {
         for _ in 0..n {
             let at = self.cur.pos;
             let h = self.hash()?.ok_or_else(|| DecodeError::new("nil in block_hashes").at_offset(at))?;
-            self.batch.hashes.push(h);
+            push(&mut self.batch.hashes, h)?;
         }
         Ok(first..self.batch.hashes.len())
     }
@@ -426,7 +425,7 @@ impl<'a> Decoder<'a> {
             _ => return Err(expected("array of token ids", m, start)),
         };
         let first = self.batch.tokens.len();
-        self.batch.tokens.reserve(self.cur.room::<u32>(n, 1));
+        reserve(&mut self.batch.tokens, self.cur.room::<u32>(n, 1))?;
         for _ in 0..n {
             // Fast path for the encodings token ids actually use
             // (fixint, uint8/16/32), without a branch on the width:
@@ -452,7 +451,7 @@ impl<'a> Decoder<'a> {
                         .map_err(|_| DecodeError::new(format!("token id {v} is not in 0..2^32")).at_offset(p))?
                 }
             };
-            self.batch.tokens.push(t);
+            push(&mut self.batch.tokens, t)?;
         }
         Ok(first..self.batch.tokens.len())
     }
@@ -468,23 +467,24 @@ impl<'a> Decoder<'a> {
             Some(n) if is_array(m) => n,
             _ => return Err(expected("array (one entry per block) or nil", m, start)),
         };
-        let mut per_block = Vec::with_capacity(self.cur.room::<Option<Vec<Value<'_>>>>(n, 1));
+        let mut per_block = vec_with(self.cur.room::<Option<Vec<Value<'_>>>>(n, 1))?;
         for _ in 0..n {
             let start = self.cur.pos;
             let m = self.cur.marker()?;
             if m == Marker::Null {
-                per_block.push(None);
+                push(&mut per_block, None)?;
                 continue;
             }
             let k = match self.cur.len_of(m)? {
                 Some(k) if is_array(m) => k,
                 _ => return Err(expected("array of extra keys or nil per block", m, start)),
             };
-            let mut keys = Vec::with_capacity(self.cur.nested_room(k, 1));
+            let mut keys = vec_with(self.cur.nested_room(k, 1))?;
             for _ in 0..k {
-                keys.push(self.cur.value(1)?);
+                let key = self.cur.value(1)?;
+                push(&mut keys, key)?;
             }
-            per_block.push(Some(keys));
+            push(&mut per_block, Some(keys))?;
         }
         Ok(Some(per_block))
     }

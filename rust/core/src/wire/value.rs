@@ -4,7 +4,7 @@
 
 use rmp::Marker;
 
-use super::cursor::{expected, Cursor};
+use super::cursor::{expected, push, vec_with, Cursor};
 use super::Value;
 use crate::error::DecodeError;
 
@@ -43,19 +43,20 @@ impl<'a> Cursor<'a> {
             }
             Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
                 let n = self.len_of(m)?.unwrap_or(0);
-                let mut items = Vec::with_capacity(self.nested_room(n, 1));
+                let mut items = vec_with(self.nested_room(n, 1))?;
                 for _ in 0..n {
-                    items.push(self.value(depth + 1)?);
+                    let v = self.value(depth + 1)?;
+                    push(&mut items, v)?;
                 }
                 Value::Array(items)
             }
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
                 let n = self.len_of(m)?.unwrap_or(0);
-                let mut items = Vec::with_capacity(self.nested_room(n, 2));
+                let mut items = vec_with(self.nested_room(n, 2))?;
                 for _ in 0..n {
                     let k = self.value(depth + 1)?;
                     let v = self.value(depth + 1)?;
-                    items.push((k, v));
+                    push(&mut items, (k, v))?;
                 }
                 Value::Map(items)
             }
