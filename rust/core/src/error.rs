@@ -47,6 +47,23 @@ impl DecodeError {
         self.payload = Some(payload);
         self
     }
+
+    /// [`DecodeError::at_event`] unless an inner step already said which
+    /// event (for adding context while an error travels outwards).
+    #[must_use]
+    pub fn within_event(mut self, event: usize) -> Self {
+        self.event.get_or_insert(event);
+        self
+    }
+
+    /// [`DecodeError::at_field`] unless an inner step already named one.
+    #[must_use]
+    pub fn within_field(mut self, field: &str) -> Self {
+        if self.field.is_none() {
+            self.field = Some(field.to_owned());
+        }
+        self
+    }
 }
 
 impl fmt::Display for DecodeError {

@@ -152,7 +152,22 @@ enum Mutation {
     Truncate(usize),
     Insert(usize, u8),
     Remove(usize),
+    /// Overwrite the bytes at a position with a container or string header
+    /// that claims about 2^32 elements (or bytes): the decoder must not trust it.
+    Huge(usize, u8),
 }
+
+/// Headers that claim far more than any payload holds: array32, map32,
+/// str32, bin32, ext32, array16, map16.
+const HUGE_HEADERS: [&[u8]; 7] = [
+    &[0xdd, 0xff, 0xff, 0xff, 0xff],
+    &[0xdf, 0xff, 0xff, 0xff, 0xfe],
+    &[0xdb, 0xff, 0xff, 0xff, 0xff],
+    &[0xc6, 0x7f, 0xff, 0xff, 0xff],
+    &[0xc9, 0xff, 0xff, 0xff, 0xff, 0x01],
+    &[0xdc, 0xff, 0xff],
+    &[0xde, 0xff, 0xff],
+];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
@@ -160,6 +175,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<usize>().prop_map(Mutation::Truncate),
         (any::<usize>(), any::<u8>()).prop_map(|(i, v)| Mutation::Insert(i, v)),
         any::<usize>().prop_map(Mutation::Remove),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, k)| Mutation::Huge(i, k)),
     ]
 }
 
@@ -175,6 +191,12 @@ fn mutate(mut b: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
             Mutation::Insert(i, v) => b.insert(i % n, v),
             Mutation::Remove(i) => {
                 b.remove(i % n);
+            }
+            Mutation::Huge(i, k) => {
+                let h = HUGE_HEADERS[usize::from(k) % HUGE_HEADERS.len()];
+                let at = i % n;
+                let end = (at + h.len()).min(n);
+                b.splice(at..end, h.iter().copied());
             }
         }
     }
@@ -224,5 +246,33 @@ proptest! {
             exercise(&mut ix, &valid);
             exercise(&mut ix, &mutate(valid, &muts));
         }
+    }
+
+    /// Valid payloads with lying length headers planted where a header was
+    /// (or anywhere): every one must be rejected or decoded, never abort.
+    #[test]
+    fn planted_huge_lengths_are_rejected(
+        events in proptest::collection::vec(ev(), 1..6),
+        plants in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        at_headers in any::<bool>(),
+    ) {
+        let mut ix = fresh();
+        let mut b = encode(&events, 3);
+        for (i, k) in plants {
+            // Aim at existing array/map headers (where the decoder reserves)
+            // half of the time, at any byte otherwise.
+            let heads: Vec<usize> = b.iter().enumerate()
+                .filter(|(_, x)| matches!(**x, 0x90..=0x9f | 0x80..=0x8f | 0xdc..=0xdf))
+                .map(|(p, _)| p)
+                .collect();
+            let pos = if at_headers && !heads.is_empty() { heads[i % heads.len()] } else { i };
+            b = mutate(b, &[Mutation::Huge(pos, k)]);
+        }
+        if at_headers {
+            // (A plant at any byte may land inside a string, and stay valid.)
+            let lean = decode(&b, Mode::Index);
+            prop_assert!(lean.is_err(), "a claim of >= 65535 elements in a {}-byte payload was accepted", b.len());
+        }
+        exercise(&mut ix, &b);
     }
 }
