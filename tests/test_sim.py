@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from typing import Any
 
 import msgpack
@@ -178,3 +179,17 @@ def test_simulator_process_survives_every_bad_control_message() -> None:
         finally:
             sock.close(linger=0)
             ctx.term()
+
+
+def test_replay_port_is_honoured_with_a_random_pub_port() -> None:
+    """`kvsync sim --replay-port P` (no --port): the replay ROUTER is on P,
+    not on a port picked after the random PUB port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    sim = Simulator(build_parser().parse_args(["--replay-port", str(free)]))
+    try:
+        assert sim.replay_port == free
+        assert sim.pub_port != free
+    finally:
+        sim.close()

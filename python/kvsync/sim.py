@@ -413,6 +413,8 @@ class Simulator:
             return self.handle(cmd), False
         except BadCommand as e:
             return {"ok": False, "error": str(e)}, False
+        except (RuntimeError, zmq.ZMQError) as e:  # e.g. ports still busy after a restart
+            return {"ok": False, "error": f"{cmd['op']} failed: {e}"}, False
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Run one parsed command (raises ``BadCommand`` for bad fields)."""
