@@ -25,7 +25,13 @@ A REP control socket takes JSON commands, answered with JSON:
   r batches/s per rank, or stop doing so;
 - ``{"op": "stats"}``, ``{"op": "ping"}``, ``{"op": "stop"}``.
 
-When started it prints one JSON line with its ports to stdout.
+Replies carry ``"ok": true``. A command that cannot be run (not JSON, not
+an object, an unknown op, a missing or mistyped field) is answered with
+``{"ok": false, "error": "..."}`` naming the problem; the simulator keeps
+serving.
+
+When started it prints one JSON line with its ports to stdout. It stops
+on the ``stop`` op, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
