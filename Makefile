@@ -5,11 +5,11 @@ FUZZ_CASES ?= 2000000
 STREAM_CASES ?= 200000
 
 .PHONY: help
-help: ## list the targets
+help: ## list the targets (make TARGET; PYTHON=... picks the interpreter)
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 .PHONY: install
-install: ## build the extension (release) and install kvsync
+install: ## build the extension (release) and install kvsync with its dependencies
 	$(PYTHON) -m pip install .
 
 .PHONY: test
@@ -35,7 +35,8 @@ lint-python: ## ruff and mypy over the package
 	mypy
 
 .PHONY: bench
-bench: ## pytest-benchmark suite (needs `make install` first) and criterion
+bench: ## install kvsync with the bench extra, run the pytest-benchmark suite and criterion
+	$(PYTHON) -m pip install '.[bench]'
 	$(PYTHON) -m pytest bench -m benchmark --benchmark-enable
 	cargo bench -p kvsync-core --bench index -- --warm-up-time 1 --measurement-time 3
 

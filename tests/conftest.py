@@ -1,4 +1,5 @@
-"""Shared fixtures: where the wire test vectors live."""
+"""Shared fixtures (where the wire test vectors live) and the layer
+markers: a test without a layer marker is a ``unit`` test."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # CI clones the repo with ../shared beside it; KVSYNC_SHARED overrides.
@@ -23,3 +26,15 @@ def load_manifest() -> dict[str, Any] | None:
         return None
     data: dict[str, Any] = json.loads(MANIFEST.read_text())
     return data
+
+
+# Layers other than unit; a test marked with none of them is a unit test,
+# so that `pytest -m unit` selects exactly the default layer.
+LAYERS = ("integration", "e2e", "chaos", "benchmark")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(layer) for layer in LAYERS):
+            item.add_marker(pytest.mark.unit)

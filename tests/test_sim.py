@@ -3,14 +3,25 @@ and its block pool behaves like an engine's prefix cache."""
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 from typing import Any
 
 import msgpack
 import pytest
+import zmq
 
 import kvsync
-from kvsync.sim import ARRAY_FIELDS, BlockPool, Simulator, Workload, build_parser, encode_batch
+from kvsync.sim import (
+    ARRAY_FIELDS,
+    BlockPool,
+    SimProcess,
+    Simulator,
+    Workload,
+    build_parser,
+    encode_batch,
+)
 
 
 def normalized(ev: kvsync.Event, fields: list[str]) -> dict[str, Any]:
@@ -103,3 +114,82 @@ def test_batch_requests_regroups_the_same_traffic_into_fewer_batches() -> None:
     single, n_single = events_of(1, 120)
     assert (n_batched, n_single) == (40, 120)
     assert batched == single
+
+
+# A malformed control message gets an error reply naming the problem; the
+# simulator keeps serving. (frames, words the error must contain)
+BAD_COMMANDS = [
+    ([b"not json"], "not JSON"),
+    ([b"\xff\xfe\x00"], "not UTF-8"),
+    ([b"[1, 2]"], "must be a JSON object"),
+    ([b"{}"], "missing field 'op'"),
+    ([b'{"op": 5}'], "field 'op' must be a string"),
+    ([b'{"op": "fly"}'], "unknown op 'fly'"),
+    ([b'{"op": "step", "n": "3"}'], "field 'n'"),
+    ([b'{"op": "step", "n": -1}'], "field 'n'"),
+    ([b'{"op": "step", "n": true}'], "field 'n'"),
+    ([b'{"op": "drop", "n": 1.5}'], "field 'n'"),
+    ([b'{"op": "serve"}'], "missing field 'prompt'"),
+    ([b'{"op": "serve", "prompt": "abc"}'], "field 'prompt' must be a list"),
+    ([b'{"op": "serve", "prompt": [1, "a"]}'], "item 1 is not a token id"),
+    ([b'{"op": "serve", "prompt": [-1]}'], "item 0 is not a token id"),
+    ([b'{"op": "serve", "prompt": [1, 2], "rank": 5}'], "field 'rank': 5 out of range"),
+    ([b'{"op": "run", "rate": "fast"}'], "field 'rate'"),
+    ([b'{"op": "ping"}', b"extra"], "expected one frame"),
+]
+BAD_IDS = [b" ".join(frames).decode(errors="replace") for frames, _ in BAD_COMMANDS]
+
+
+@pytest.mark.parametrize(("frames", "error"), BAD_COMMANDS, ids=BAD_IDS)
+def test_bad_control_message_gets_an_error_reply(frames: list[bytes], error: str) -> None:
+    sim = Simulator(build_parser().parse_args(["--block-size", "4"]))
+    try:
+        reply, stop = sim.handle_raw(frames)
+        assert (reply["ok"], stop) == (False, False)
+        assert error in reply["error"], reply
+        # nothing was published by the bad message; a good one still works
+        assert sim.ranks[0].seq == 0
+        reply, _ = sim.handle_raw([b'{"op": "step", "n": 2}'])
+        assert reply == {"ok": True, "seq": [1]}
+    finally:
+        sim.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_simulator_process_survives_every_bad_control_message() -> None:
+    """Over its real control socket: every bad message is answered, then a
+    good one still works (the old simulator died on the first)."""
+    with SimProcess("--block-size", "4") as proc:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)  # deadline on every answer
+        sock.connect(f"tcp://127.0.0.1:{proc.control_port}")
+        try:
+            for frames, error in BAD_COMMANDS:
+                sock.send_multipart(frames)
+                try:
+                    reply = json.loads(sock.recv())
+                except zmq.Again:
+                    pytest.fail(f"no answer to {frames!r}; simulator alive: {proc.proc.poll()}")
+                assert reply["ok"] is False and error in reply["error"], (frames, reply)
+            assert proc.request("step", n=3)["seq"] == [2]
+            assert proc.proc.poll() is None
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+
+def test_replay_port_is_honoured_with_a_random_pub_port() -> None:
+    """`kvsync sim --replay-port P` (no --port): the replay ROUTER is on P,
+    not on a port picked after the random PUB port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    sim = Simulator(build_parser().parse_args(["--replay-port", str(free)]))
+    try:
+        assert sim.replay_port == free
+        assert sim.pub_port != free
+    finally:
+        sim.close()

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from kvsync._core import DecodeError, Event, Index, decode
+from kvsync.argtypes import non_empty
 
 SAMPLES_PACKAGE = "kvsync.samples"
 
@@ -119,8 +120,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvsync", description=__doc__)
+def build_parser(prog: str = "kvsync") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="kvsync: an exact index of which engine holds which prompt prefix "
+        "in its KV cache.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser(
@@ -133,8 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--samples", action="store_true", help="inspect the sample payloads shipped with kvsync"
     )
-    p.add_argument("--model", default="model", help="model name the worker is registered with")
-    p.add_argument("--worker", default="worker", help="worker id the payloads are applied to")
+    p.add_argument(
+        "--model",
+        type=non_empty,
+        default="model",
+        help="model name the worker is registered with",
+    )
+    p.add_argument(
+        "--worker", type=non_empty, default="worker", help="worker id the payloads are applied to"
+    )
     p.add_argument("--per-file", action="store_true", help="apply each file as its own worker")
     p.add_argument("-v", "--verbose", action="store_true", help="print every field of every event")
     p.set_defaults(func=cmd_inspect)
@@ -147,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim.build_parser(ps)
-    ps.set_defaults(func=sim.run)
+    ps.set_defaults(func=sim.run, parser=ps)
     from kvsync import demo
 
     pd = sub.add_parser(
@@ -157,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.build_parser(pd)
-    pd.set_defaults(func=demo.run)
+    pd.set_defaults(func=demo.run, parser=pd)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "kvsync") -> int:
+    """Run the command line; the exit status."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.version:
         from kvsync import __version__
@@ -172,7 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    code: int = args.func(args)
+    check = getattr(args, "check", None)
+    if check is not None:
+        problem = check(args)
+        if problem:
+            args.parser.error(problem)  # exits with status 2
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"kvsync {args.command}: interrupted", file=sys.stderr)
+        return 130
     return code
 
 

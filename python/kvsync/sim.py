@@ -25,19 +25,24 @@ A REP control socket takes JSON commands, answered with JSON:
   r batches/s per rank, or stop doing so;
 - ``{"op": "stats"}``, ``{"op": "ping"}``, ``{"op": "stop"}``.
 
-When started it prints one JSON line with its ports to stdout.
+Replies carry ``"ok": true``. A command that cannot be run (not JSON, not
+an object, an unknown op, a missing or mistyped field) is answered with
+``{"ok": false, "error": "..."}`` naming the problem; the simulator keeps
+serving.
+
+When started it prints one JSON line with its ports to stdout. It stops
+on the ``stop`` op, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import math
 import os
 import random
-import subprocess
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +51,16 @@ from typing import Any
 
 import msgpack
 import zmq
+
+from kvsync.argtypes import (
+    MAX_PORT,
+    int_at_least,
+    non_empty,
+    non_negative_float,
+    port,
+    positive_int,
+)
+from kvsync.simproc import SimProcess as SimProcess  # re-exported: its home for users
 
 END_SEQ = b"\xff" * 8
 MASK64 = (1 << 64) - 1
@@ -266,6 +281,73 @@ class Rank:
         return [ident, b"", seq, payload]
 
 
+OPS = frozenset(
+    {"ping", "step", "serve", "truth", "drop", "restart", "clear", "malformed", "run", "pause"}
+    | {"stats", "stop"}
+)
+# Bounds a control message cannot exceed: a typo must not wedge the simulator.
+MAX_COUNT = 1_000_000
+MAX_TOKEN = (1 << 32) - 1
+
+
+class BadCommand(ValueError):
+    """A control message that cannot be run; the reply carries its text."""
+
+
+def parse_command(frames: list[bytes]) -> dict[str, Any]:
+    """The JSON object of a one-frame control message, with a known ``op``."""
+    if len(frames) != 1:
+        raise BadCommand(f"expected one frame of JSON, got {len(frames)} frames")
+    try:
+        cmd = json.loads(frames[0])
+    except UnicodeDecodeError:
+        raise BadCommand("message is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadCommand(f"message is not JSON: {e}") from None
+    if not isinstance(cmd, dict):
+        raise BadCommand(f"message must be a JSON object, got {type(cmd).__name__}")
+    op = cmd.get("op")
+    if op is None:
+        raise BadCommand("missing field 'op'")
+    if not isinstance(op, str):
+        raise BadCommand(f"field 'op' must be a string, got {op!r}")
+    if op not in OPS:
+        raise BadCommand(f"unknown op {op!r} (known: {', '.join(sorted(OPS))})")
+    return cmd
+
+
+def _is_int(x: object) -> bool:
+    # JSON true/false decode to bool, which Python counts as int.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _count(cmd: dict[str, Any], name: str, default: int = 1) -> int:
+    n = cmd.get(name, default)
+    if not _is_int(n) or not 0 <= n <= MAX_COUNT:
+        raise BadCommand(f"field {name!r} must be an integer from 0 to {MAX_COUNT}, got {n!r}")
+    return int(n)
+
+
+def _token_ids(cmd: dict[str, Any]) -> list[int]:
+    if "prompt" not in cmd:
+        raise BadCommand("missing field 'prompt' (a list of token ids)")
+    prompt = cmd["prompt"]
+    if not isinstance(prompt, list):
+        raise BadCommand(f"field 'prompt' must be a list of token ids, got {type(prompt).__name__}")
+    for i, t in enumerate(prompt):
+        if not _is_int(t) or not 0 <= t <= MAX_TOKEN:
+            raise BadCommand(f"field 'prompt': item {i} is not a token id (0..2^32-1): {t!r}")
+    return prompt
+
+
+def _rate(cmd: dict[str, Any]) -> float:
+    rate = cmd.get("rate", 100.0)
+    ok = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+    if not ok or not math.isfinite(rate) or not 0 <= rate <= MAX_COUNT:
+        raise BadCommand(f"field 'rate' must be a number from 0 to {MAX_COUNT}, got {rate!r}")
+    return float(rate)
+
+
 class Simulator:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -309,7 +391,7 @@ class Simulator:
         for _ in range(100):
             base = random.randrange(20_000, 60_000, 2 * len(self.ranks) + 2)
             self.pub_port = base
-            if self.replay_port is not None:
+            if self.replay_port is not None and not self.args.replay_port:
                 self.replay_port = base + len(self.ranks)
             if self._try_bind():
                 return
@@ -326,18 +408,36 @@ class Simulator:
                 raise RuntimeError("ports still busy 5 s after the restart")
             time.sleep(0.01)
 
+    def handle_raw(self, data: list[bytes]) -> tuple[dict[str, Any], bool]:
+        """Answer one control message (its frames): the reply, and whether
+        the simulator should stop. A malformed message gets an error reply
+        naming what was wrong; it never stops the simulator."""
+        try:
+            cmd = parse_command(data)
+            if cmd["op"] == "stop":
+                return {"ok": True}, True
+            return self.handle(cmd), False
+        except BadCommand as e:
+            return {"ok": False, "error": str(e)}, False
+        except (RuntimeError, zmq.ZMQError) as e:  # e.g. ports still busy after a restart
+            return {"ok": False, "error": f"{cmd['op']} failed: {e}"}, False
+
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        op = cmd.get("op")
+        """Run one parsed command (raises ``BadCommand`` for bad fields)."""
+        op = cmd["op"]
         if op == "ping":
             return {"ok": True}
         if op == "step":
-            for _ in range(int(cmd.get("n", 1))):
+            for _ in range(_count(cmd, "n")):
                 for r in self.ranks:
                     r.step()
             return {"ok": True, "seq": [r.seq - 1 for r in self.ranks]}
         if op == "serve":
-            r = self.ranks[int(cmd.get("rank", 0))]
-            prompt = [int(t) for t in cmd["prompt"]]
+            rank = _count(cmd, "rank", default=0)
+            if rank >= len(self.ranks):
+                raise BadCommand(f"field 'rank': {rank} out of range (dp size {len(self.ranks)})")
+            r = self.ranks[rank]
+            prompt = _token_ids(cmd)
             r.publish(encode_batch(r.pool.request(prompt), self.args.form, r.rank))
             return {
                 "ok": True,
@@ -352,7 +452,7 @@ class Simulator:
                 "seq": [r.seq - 1 for r in self.ranks],
             }
         if op == "drop":
-            self.drop += int(cmd.get("n", 1))
+            self.drop += _count(cmd, "n")
             return {"ok": True}
         if op == "restart":
             self.restart()
@@ -367,7 +467,7 @@ class Simulator:
                 r.publish(b"\x93\xcb\x00not msgpack")
             return {"ok": True}
         if op == "run":
-            self.rate = float(cmd.get("rate", 100.0))
+            self.rate = _rate(cmd)
             return {"ok": True}
         if op == "pause":
             self.rate = 0.0
@@ -378,7 +478,7 @@ class Simulator:
                 "seq": [r.seq - 1 for r in self.ranks],
                 "blocks": [len(r.pool.blocks) for r in self.ranks],
             }
-        return {"ok": False, "error": f"unknown op {op!r}"}
+        raise BadCommand(f"unknown op {op!r} (known: {', '.join(sorted(OPS))})")
 
     def serve(self) -> None:
         print(
@@ -404,13 +504,14 @@ class Simulator:
                 # Round up: int() would turn the last millisecond before
                 # each step into a busy loop of poll(0).
                 timeout = max(0, math.ceil((next_step - time.monotonic()) * 1000))
+            if self.args.parent_pid is not None and os.getppid() != self.args.parent_pid:
+                return  # whoever started us is gone: do not outlive it
             for sock, _ in poller.poll(timeout):
                 if sock is self.control:
-                    cmd = json.loads(self.control.recv())
-                    if cmd.get("op") == "stop":
-                        self.control.send(json.dumps({"ok": True}).encode())
+                    reply, stop = self.handle_raw(self.control.recv_multipart())
+                    self.control.send(json.dumps(reply).encode())
+                    if stop:
                         return
-                    self.control.send(json.dumps(self.handle(cmd)).encode())
                 else:
                     for r in self.ranks:
                         if sock is r.router:
@@ -429,33 +530,77 @@ class Simulator:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="kvsync sim", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=0, help="PUB port of rank 0 (0: a free random one)")
+    p.add_argument("--host", type=non_empty, default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=port, default=0, help="PUB port of rank 0 (0: a free random one)")
     p.add_argument(
-        "--replay-port", type=int, default=0, help="replay port of rank 0 (0: after the PUB ports)"
+        "--replay-port", type=port, default=0, help="replay port of rank 0 (0: after the PUB ports)"
     )
     p.add_argument("--no-replay", action="store_true", help="no replay endpoint")
-    p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (consecutive ports)")
+    p.add_argument(
+        "--dp-size",
+        type=int_at_least(1, 256),
+        default=1,
+        help="data-parallel ranks (consecutive ports)",
+    )
     p.add_argument("--topic", default="", help="topic frame of every message")
     p.add_argument("--form", choices=["map", "array"], default="map", help="event encoding")
     p.add_argument(
         "--replay-frames", type=int, choices=[3, 4], default=4, help="replay reply layout"
     )
-    p.add_argument("--buffer", type=int, default=10_000, help="batches kept for replay")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--capacity", type=int, default=4096, help="KV cache capacity in blocks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rate", type=float, default=0.0, help="batches/s per rank from the start")
+    p.add_argument("--buffer", type=positive_int, default=10_000, help="batches kept for replay")
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     p.add_argument(
-        "--batch-requests", type=int, default=1, help="requests served per published batch (step)"
+        "--capacity", type=positive_int, default=4096, help="KV cache capacity in blocks"
     )
+    p.add_argument("--seed", type=int, default=0, help="random seed of the workload")
+    p.add_argument(
+        "--rate", type=non_negative_float, default=0.0, help="batches/s per rank from the start"
+    )
+    p.add_argument(
+        "--batch-requests",
+        type=positive_int,
+        default=1,
+        help="requests served per published batch (step)",
+    )
+    p.add_argument(
+        "--parent-pid",
+        type=positive_int,
+        default=None,
+        help=argparse.SUPPRESS,  # set by SimProcess: exit when this parent is gone
+    )
+    p.set_defaults(check=check_args)
     return p
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What argparse cannot check option by option: that the ports of all
+    ranks fit, and that options do not contradict each other."""
+    if args.no_replay and args.replay_port:
+        return "--replay-port and --no-replay contradict each other"
+    last = args.dp_size - 1
+    if args.port and args.port + last > MAX_PORT:
+        return (
+            f"--port {args.port} with --dp-size {args.dp_size} needs ports up to "
+            f"{args.port + last} (at most {MAX_PORT})"
+        )
+    replay = args.replay_port or (args.port + args.dp_size if args.port else 0)
+    if replay and not args.no_replay and replay + last > MAX_PORT:
+        return (
+            f"replay ports of --dp-size {args.dp_size} ranks from {replay} go past {MAX_PORT} "
+            "(set --replay-port)"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Serve until stopped (the ``stop`` op or Ctrl-C)."""
-    sim = Simulator(args)
+    """Serve until stopped (the ``stop`` op, Ctrl-C or SIGTERM)."""
+    try:
+        sim = Simulator(args)
+    except (RuntimeError, zmq.ZMQError) as e:
+        print(f"kvsync sim: {e}", file=sys.stderr)
+        return 1
     sim.rate = args.rate
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         sim.serve()
     except KeyboardInterrupt:
@@ -465,78 +610,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-class SimProcess:
-    """A simulator in a child process, driven over its control socket (for
-    tests, benchmarks and the demo). Every request has a deadline."""
-
-    def __init__(self, *args: str, timeout: float = 20.0) -> None:
-        self.timeout = timeout
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvsync.sim", *args],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self._readline(timeout)
-        info = json.loads(line)
-        self.pub_port: int = info["pub_port"]
-        self.replay_port: int | None = info["replay_port"]
-        self.control_port: int = info["control_port"]
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self._connect()
-
-    def _readline(self, timeout: float) -> str:
-        import selectors
-
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            self.proc.kill()
-            raise TimeoutError("simulator did not start")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"simulator exited with {self.proc.wait(5)}")
-        return line
-
-    def _connect(self) -> zmq.Socket[bytes]:
-        s: zmq.Socket[bytes] = self.ctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVTIMEO, int(self.timeout * 1000))
-        s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-        s.connect(f"tcp://127.0.0.1:{self.control_port}")
-        return s
-
-    def request(self, op: str, **kw: Any) -> dict[str, Any]:
-        self.sock.send(json.dumps({"op": op, **kw}).encode())
-        reply: dict[str, Any] = json.loads(self.sock.recv())
-        if not reply.get("ok"):
-            raise RuntimeError(f"simulator: {reply.get('error')}")
-        return reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(zmq.ZMQError, RuntimeError):
-                self.request("stop")
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.sock.close(linger=0)
-        self.ctx.term()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> SimProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
+    return run(args)
 
 
 if __name__ == "__main__":
