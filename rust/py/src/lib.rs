@@ -19,16 +19,14 @@ mod streams;
 use pyo3::prelude::*;
 
 use decode::{Batch, Event};
-use errors::{DecodeError, SnapshotError};
 use index::Index;
-use results::ApplyStats;
-use streams::{Streams, WorkerStatus};
+use results::{ApplyStats, WorkerStatus};
+use streams::Streams;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("DecodeError", m.py().get_type::<DecodeError>())?;
-    m.add("SnapshotError", m.py().get_type::<SnapshotError>())?;
+    errors::add_to_module(m)?;
     m.add_class::<Index>()?;
     m.add_class::<ApplyStats>()?;
     m.add_class::<Batch>()?;

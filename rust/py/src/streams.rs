@@ -1,52 +1,19 @@
 //! `Streams`: the stream state machines of a set of workers applying into
-//! one index, and `WorkerStatus`.
+//! one index (their status records are `results::WorkerStatus`).
+//!
+//! Lock order: the streams lock, then the index lock (`Index.inner`), in
+//! every method; both are taken detached (`lock.rs`).
+
+use std::collections::{BTreeMap, HashMap};
 
 use kvsync_core::IndexError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
-use crate::errors::to_py;
+use crate::errors::Result;
 use crate::index::Index;
-use crate::lock::detached;
-
-/// Status of one worker's event stream.
-#[pyclass(frozen, get_all, module = "kvsync._core")]
-pub(crate) struct WorkerStatus {
-    worker: String,
-    state: &'static str,
-    last_seq: Option<u64>,
-    batches: u64,
-    events: u64,
-    gaps: u64,
-    replays: u64,
-    lost_batches: u64,
-    resets: u64,
-    malformed: u64,
-    duplicates: u64,
-    purges: u64,
-    timeouts: u64,
-    buffered: usize,
-    /// Seconds since the last applied batch (None before the first).
-    seconds_since_last_event: Option<f64>,
-}
-
-#[pymethods]
-impl WorkerStatus {
-    fn __repr__(&self) -> String {
-        format!(
-            "WorkerStatus({:?}, state={:?}, last_seq={:?}, batches={}, gaps={}, replays={}, lost_batches={}, resets={}, malformed={})",
-            self.worker,
-            self.state,
-            self.last_seq,
-            self.batches,
-            self.gaps,
-            self.replays,
-            self.lost_batches,
-            self.resets,
-            self.malformed
-        )
-    }
-}
+use crate::lock::{detached, DetachedMutex};
+use crate::results::WorkerStatus;
 
 pub(crate) fn seq_of(frame: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(frame).ok().map(u64::from_be_bytes)
@@ -59,7 +26,7 @@ pub(crate) fn seq_of(frame: &[u8]) -> Option<u64> {
 #[pyclass(frozen, module = "kvsync._core")]
 pub(crate) struct Streams {
     index: Py<Index>,
-    streams: parking_lot::Mutex<std::collections::HashMap<String, kvsync_core::Stream>>,
+    streams: DetachedMutex<HashMap<String, kvsync_core::Stream>>,
 }
 
 impl Streams {
@@ -68,16 +35,15 @@ impl Streams {
         &self,
         py: Python<'_>,
         worker: &str,
-        f: impl Send + FnOnce(&mut kvsync_core::Stream, &mut kvsync_core::Index) -> Result<T, IndexError>,
-    ) -> PyResult<T> {
+        f: impl Send + FnOnce(&mut kvsync_core::Stream, &mut kvsync_core::Index) -> std::result::Result<T, IndexError>,
+    ) -> Result<T> {
         let index = self.index.get();
-        detached(py, || {
-            let mut streams = self.streams.lock();
+        Ok(detached(py, || {
+            let mut streams = self.streams.lock_detached();
             let s = streams.get_mut(worker).ok_or_else(|| IndexError::UnknownWorker(worker.to_owned()))?;
-            let mut ix = index.inner.write();
+            let mut ix = index.inner.write_detached();
             f(s, &mut ix)
-        })
-        .map_err(to_py)
+        })?)
     }
 }
 
@@ -88,7 +54,7 @@ pub(crate) type OnMessage = fn(
     u64,
     &[u8],
     f64,
-) -> Result<kvsync_core::Todo, IndexError>;
+) -> std::result::Result<kvsync_core::Todo, IndexError>;
 
 impl Streams {
     /// A message with a seq frame: a seq frame that is not 8 bytes is
@@ -101,7 +67,7 @@ impl Streams {
         data: &[u8],
         now: f64,
         on: OnMessage,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         let seq = seq_of(seq);
         self.with(py, worker_id, |s, ix| match seq {
             Some(seq) => on(s, ix, worker_id, seq, data, now).map(|t| t.replay_from),
@@ -117,7 +83,7 @@ impl Streams {
 impl Streams {
     #[new]
     fn new(index: Py<Index>) -> Self {
-        Streams { index, streams: parking_lot::Mutex::new(std::collections::HashMap::new()) }
+        Streams { index, streams: DetachedMutex::new(HashMap::new()) }
     }
 
     /// Follow worker `worker_id` of `model` (registering it in the index if
@@ -135,23 +101,23 @@ impl Streams {
         replay_timeout: f64,
         clean_secs: f64,
         max_buffered: usize,
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let index = self.index.get();
         detached(py, || {
-            let mut ix = index.inner.write();
+            let mut streams = self.streams.lock_detached();
+            let mut ix = index.inner.write_detached();
             ix.add_worker(worker_id, model)?;
             let (last, digest) = ix.position(worker_id)?;
             let cfg = kvsync_core::StreamConfig { replay, replay_timeout, clean_secs, max_buffered };
-            let s = kvsync_core::Stream::new(cfg, last, Some(digest));
-            self.streams.lock().insert(worker_id.to_owned(), s);
-            Ok(())
-        })
-        .map_err(to_py)
+            streams.insert(worker_id.to_owned(), kvsync_core::Stream::new(cfg, last, Some(digest)));
+            Ok::<_, IndexError>(())
+        })?;
+        Ok(())
     }
 
     /// The worker's publisher is connected: begin (replay from the start, or
     /// verify a resumed position). Returns the replay start to request.
-    fn start(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
+    fn start(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<Option<u64>> {
         self.with(py, worker_id, |s, ix| s.start(ix, worker_id, now).map(|t| t.replay_from))
     }
 
@@ -159,13 +125,14 @@ impl Streams {
     fn remove(&self, py: Python<'_>, worker_id: &str) -> bool {
         let index = self.index.get();
         detached(py, || {
-            let known = self.streams.lock().remove(worker_id).is_some();
-            index.inner.write().remove_worker(worker_id) || known
+            let mut streams = self.streams.lock_detached();
+            let known = streams.remove(worker_id).is_some();
+            index.inner.write_detached().remove_worker(worker_id) || known
         })
     }
 
-    fn workers(&self) -> Vec<String> {
-        self.streams.lock().keys().cloned().collect()
+    fn workers(&self, py: Python<'_>) -> Vec<String> {
+        detached(py, || self.streams.lock_detached().keys().cloned().collect())
     }
 
     /// A live message `[topic, seq, payload]`.
@@ -176,7 +143,7 @@ impl Streams {
         seq: &[u8],
         payload: PyBackedBytes,
         now: f64,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::live)
     }
 
@@ -189,7 +156,7 @@ impl Streams {
         worker_id: &str,
         messages: Vec<(Vec<u8>, PyBackedBytes)>,
         now: f64,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         let msgs: Vec<(Option<u64>, &[u8])> = messages.iter().map(|(seq, p)| (seq_of(seq), &**p)).collect();
         self.with(py, worker_id, |s, ix| {
             let mut replay = None;
@@ -216,69 +183,49 @@ impl Streams {
         seq: &[u8],
         payload: PyBackedBytes,
         now: f64,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         self.message(py, worker_id, seq, &payload, now, kvsync_core::Stream::replayed)
     }
 
-    fn replay_end(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
+    fn replay_end(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<Option<u64>> {
         self.with(py, worker_id, |s, ix| s.replay_end(ix, worker_id, now).map(|t| t.replay_from))
     }
 
     /// The SUB socket reconnected to the publisher.
-    fn reconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
+    fn reconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<Option<u64>> {
         self.with(py, worker_id, |s, ix| s.reconnected(ix, worker_id, now).map(|t| t.replay_from))
     }
 
     /// Replay deadlines and clean periods: `[(worker_id, replay_from)]` to request.
-    fn tick(&self, py: Python<'_>, now: f64) -> PyResult<Vec<(String, u64)>> {
+    fn tick(&self, py: Python<'_>, now: f64) -> Result<Vec<(String, u64)>> {
         let index = self.index.get();
-        detached(py, || {
-            let mut streams = self.streams.lock();
-            let mut ix = index.inner.write();
+        Ok(detached(py, || {
+            let mut streams = self.streams.lock_detached();
+            let mut ix = index.inner.write_detached();
             let mut out = Vec::new();
             for (w, s) in streams.iter_mut() {
                 if let Some(from) = s.tick(&mut ix, w, now)?.replay_from {
                     out.push((w.clone(), from));
                 }
             }
-            Ok(out)
-        })
-        .map_err(to_py)
+            Ok::<_, IndexError>(out)
+        })?)
     }
 
     /// Mark a worker's stream stopped (its holdings stay until `remove`).
-    fn stop(&self, worker_id: &str) {
-        if let Some(s) = self.streams.lock().get_mut(worker_id) {
-            s.stop();
-        }
+    fn stop(&self, py: Python<'_>, worker_id: &str) {
+        detached(py, || {
+            if let Some(s) = self.streams.lock_detached().get_mut(worker_id) {
+                s.stop();
+            }
+        });
     }
 
     /// `{worker_id: WorkerStatus}`.
-    fn status(&self, now: f64) -> std::collections::BTreeMap<String, WorkerStatus> {
-        self.streams
-            .lock()
-            .iter()
-            .map(|(w, s)| {
-                let c = s.counters();
-                let st = WorkerStatus {
-                    worker: w.clone(),
-                    state: s.state().name(),
-                    last_seq: s.last_seq(),
-                    batches: c.batches,
-                    events: c.events,
-                    gaps: c.gaps,
-                    replays: c.replays,
-                    lost_batches: c.lost,
-                    resets: c.resets,
-                    malformed: c.malformed,
-                    duplicates: c.duplicates,
-                    purges: c.purges,
-                    timeouts: c.timeouts,
-                    buffered: s.buffered(),
-                    seconds_since_last_event: s.last_event().map(|t| (now - t).max(0.0)),
-                };
-                (w.clone(), st)
-            })
-            .collect()
+    fn status(&self, py: Python<'_>, now: f64) -> BTreeMap<String, WorkerStatus> {
+        detached(py, || {
+            let streams = self.streams.lock_detached();
+            streams.iter().map(|(w, s)| (w.clone(), WorkerStatus::of(w, s, now))).collect()
+        })
     }
 }
