@@ -25,13 +25,16 @@ pub(crate) fn tokens_of(obj: &Bound<'_, PyAny>) -> Result<Vec<u32>> {
             PyTypeError::new_err("token_ids must be a sequence of ints or an integer buffer, not str/bytes").into()
         );
     }
+    if let Ok(list) = obj.cast::<PyList>() {
+        return tokens_of_items(list.len(), list.iter());
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        return tokens_of_items(tuple.len(), tuple.iter());
+    }
     if let Ok(buf) = PyUntypedBuffer::get(obj) {
         return tokens_of_buffer(obj.py(), &buf);
     }
-    if let Ok(tokens) = obj.extract::<Vec<u32>>() {
-        return Ok(tokens);
-    }
-    // Slow path only to say what is wrong, and where.
+    // Any other iterable of ints.
     let Ok(items) = obj.try_iter() else {
         // A buffer PyO3 cannot describe (a 0-D numpy array has no shape).
         if let Ok(view) = PyMemoryView::from(obj) {
@@ -40,20 +43,29 @@ pub(crate) fn tokens_of(obj: &Bound<'_, PyAny>) -> Result<Vec<u32>> {
         }
         return Err(not_tokens());
     };
+    let items = items.collect::<PyResult<Vec<_>>>()?;
+    tokens_of_items(items.len(), items.into_iter())
+}
+
+/// Token ids from Python ints, naming the first item that is not one.
+fn tokens_of_items<'py>(len: usize, items: impl Iterator<Item = Bound<'py, PyAny>>) -> Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(len);
     for (i, item) in items.enumerate() {
-        let item = item?;
-        if item.is_instance_of::<PyBool>() || !item.is_instance_of::<PyInt>() {
-            return Err(PyTypeError::new_err(format!(
-                "token_ids must hold ints: position {i} is {}",
-                item.get_type().name()?
-            ))
-            .into());
-        }
-        if item.extract::<u32>().is_err() {
-            return Err(out_of_range(i, &item.str()?.to_string_lossy()));
+        match item.extract::<u32>() {
+            Ok(t) => out.push(t),
+            Err(_) if item.is_instance_of::<PyInt>() && !item.is_instance_of::<PyBool>() => {
+                return Err(out_of_range(i, &item.str()?.to_string_lossy()));
+            }
+            Err(_) => {
+                return Err(PyTypeError::new_err(format!(
+                    "token_ids must hold ints: position {i} is {}",
+                    item.get_type().name()?
+                ))
+                .into());
+            }
         }
     }
-    Err(not_tokens())
+    Ok(out)
 }
 
 fn not_tokens() -> Error {
