@@ -65,6 +65,17 @@ def test_every_error_is_a_kvsync_error_and_its_builtin(
     assert cls.__name__ in kvsync.__all__
 
 
+@pytest.mark.parametrize(("cls", "builtin"), HIERARCHY, ids=[c.__name__ for c, _ in HIERARCHY])
+def test_every_error_pickles_with_its_message(
+    cls: type[Exception], builtin: type[Exception]
+) -> None:
+    e = cls(2, "cannot open index snapshot", "/x/i.kvs") if cls is kvsync.FileError else cls("m")
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is cls
+    assert str(back) == str(e)
+    assert back.args == e.args
+
+
 def test_decode_error_carries_the_core_error_fields(index: kvsync.Index) -> None:
     with pytest.raises(kvsync.DecodeError) as info:
         index.apply_many("pod-a", [payload(), payload(stored([1], "oops"))])
