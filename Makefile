@@ -29,10 +29,11 @@ lint-rust: ## rustfmt check and clippy with -D warnings
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: lint-python
-lint-python: ## ruff and mypy over the package
+lint-python: ## ruff, mypy over the package, stubtest of kvsync._core (needs the extension built)
 	ruff check python tests bench tools
 	ruff format --check python tests bench tools
 	mypy
+	$(PYTHON) -m mypy.stubtest kvsync._core --allowlist rust/py/stubtest-allowlist.txt
 
 .PHONY: bench
 bench: ## install kvsync with the bench extra, run the pytest-benchmark suite and criterion

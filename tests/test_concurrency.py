@@ -1,15 +1,22 @@
-"""Threads applying and matching at once: no crash, no torn answers.
+"""Threads reading and writing at once: no deadlock, no torn answers.
 
-`Index.apply` and `Index.match` release the GIL (the module declares
-gil_used = false), so this also exercises true parallelism on free-threaded
-builds. Every wait is bounded by the timeout marker and by join timeouts.
+The bindings release the interpreter for their work and before waiting for
+a lock (the module declares gil_used = false), so these also exercise true
+parallelism on free-threaded builds. Every thread is a daemon joined under a
+deadline, so a deadlock fails the test instead of hanging the run; the one
+scenario that would freeze the interpreter itself runs in a subprocess with
+a timeout.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from array import array
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -95,3 +102,177 @@ def test_concurrent_apply_and_match_stay_consistent() -> None:
     assert answers["n"] > 0
     assert index.match("m", prompt) == {f"w{w}": BLOCKS for w in range(WORKERS)}
     index.check()
+
+
+def run_threads(targets: list[Callable[[], None]], seconds: float) -> list[BaseException]:
+    """Run every target in a daemon thread; fail if any is still running at
+    the deadline (a deadlock), and return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(f: Callable[[], None]) -> None:
+        try:
+            f()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(f,), daemon=True) for f in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"deadlocked: {len(stuck)} of {len(threads)} threads still running"
+    return errors
+
+
+@pytest.mark.timeout(120)
+def test_streams_add_and_tick_in_parallel_do_not_deadlock() -> None:
+    # add used to take the index lock then the streams lock while tick took
+    # them in the other order.
+    index = kvsync.Index()
+    streams = kvsync._core.Streams(index)
+    stop = threading.Event()
+
+    def adder() -> None:
+        try:
+            for i in range(3000):
+                streams.add(f"w{i % 16}", "m", replay=False)
+                streams.remove(f"w{(i + 8) % 16}")
+        finally:
+            stop.set()
+
+    def ticker() -> None:
+        now = 0.0
+        while not stop.is_set():
+            now += 0.01
+            streams.tick(now)
+            streams.status(now)
+
+    errors = run_threads([adder, ticker, ticker], seconds=60)
+    assert not errors, errors[0]
+    index.check()
+    assert set(streams.workers()) == set(index.workers())
+
+
+@pytest.mark.timeout(120)
+def test_mixed_readers_and_writers_answer_consistently() -> None:
+    prompt = list(range(BLOCKS * BS))
+    index = kvsync.Index()
+    streams = kvsync._core.Streams(index)
+    for w in range(4):
+        index.add_worker(f"w{w}", model="m")
+    full = store(list(range(1, BLOCKS + 1)), None, prompt)
+    clear: bytes = msgpack.packb([0.0, [{"type": "AllBlocksCleared"}], None])
+    stop = threading.Event()
+    seen = {"detail": 0}
+
+    def writer(w: int) -> None:
+        for _ in range(ROUNDS):
+            index.apply(f"w{w}", full)
+            index.apply(f"w{w}", clear)
+        index.apply(f"w{w}", full)
+
+    def churn() -> None:
+        # workers come and go in the index and in the streams
+        for i in range(ROUNDS):
+            index.add_worker(f"tmp{i % 4}", model="m")
+            streams.add(f"s{i % 4}", "m", replay=False)
+            streams.start(f"s{i % 4}", float(i))
+            streams.live(f"s{i % 4}", (i + 1).to_bytes(8, "big"), full, float(i))
+            streams.tick(float(i))
+            index.remove_worker(f"tmp{(i + 2) % 4}")
+            streams.remove(f"s{(i + 2) % 4}")
+
+    def detail_reader() -> None:
+        query = array("I", prompt)
+        while not stop.is_set():
+            for w, tiers in index.match_detail("m", query).items():
+                assert set(tiers) == {"gpu", "cpu", "storage", "any"}, (w, tiers)
+                # one consistent view: nothing is held in a tier and not at all
+                assert max(tiers["gpu"], tiers["cpu"], tiers["storage"]) <= tiers["any"], (
+                    w,
+                    tiers,
+                )
+                assert tiers["any"] in (0, BLOCKS), (w, tiers)
+            seen["detail"] += 1
+
+    def other_reader() -> None:
+        while not stop.is_set():
+            got = index.match("m", prompt)
+            assert all(v in (0, BLOCKS) for v in got.values()), got
+            assert index.stats()["workers"] >= 4
+            streams.status(0.0)
+            index.workers()
+
+    def writers_then_stop() -> None:
+        try:
+            errors = run_threads([lambda w=w: writer(w) for w in range(4)] + [churn], 90)
+            assert not errors, errors[0]
+        finally:
+            stop.set()
+
+    errors = run_threads([writers_then_stop, detail_reader, detail_reader, other_reader], 100)
+    assert not errors, errors[0]
+    assert seen["detail"] > 0
+    assert index.match("m", prompt)["w0"] == BLOCKS
+    index.check()
+
+
+BLOCKED_READER = textwrap.dedent(
+    """
+    import os, sys, tempfile, threading, time
+    import msgpack, kvsync
+
+    n = 20000
+    ix = kvsync.Index()
+    ix.add_worker("w", "m")
+    ev = {"type": "BlockStored", "block_hashes": list(range(1, n + 1)),
+          "parent_block_hash": None, "token_ids": list(range(4 * n)), "block_size": 4,
+          "lora_id": None, "medium": "GPU", "lora_name": None}
+    ix.apply("w", msgpack.packb([0.0, [ev], None]))
+    d = tempfile.mkdtemp()
+    # save writes to <name>.tmp: make that a pipe nobody drains yet, so the
+    # saving thread blocks inside the index's read lock
+    os.mkfifo(os.path.join(d, "snap.tmp"))
+    rfd = os.open(os.path.join(d, "snap.tmp"), os.O_RDONLY | os.O_NONBLOCK)
+    saver = threading.Thread(target=ix.save, args=(os.path.join(d, "snap.kvs"),), daemon=True)
+    saver.start()
+    import select
+    assert select.select([rfd], [], [], 30)[0], "save never started writing"
+    # a writer now queues behind the save, so new readers must wait too
+    remover = threading.Thread(target=ix.remove_worker, args=("w",), daemon=True)
+    remover.start()
+    time.sleep(0.3)
+
+    def drain():
+        time.sleep(0.5)
+        os.set_blocking(rfd, True)
+        while os.read(rfd, 1 << 16):
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    # waits for the lock: must not hold the interpreter, or drain never runs
+    ix.stats()
+    saver.join(30)
+    remover.join(30)
+    assert not saver.is_alive() and not remover.is_alive()
+    assert ix.workers() == {}
+    print("ok")
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_waiting_for_the_index_lock_does_not_freeze_other_threads() -> None:
+    # A call that waited for the lock while attached to the interpreter kept
+    # every other Python thread from running: here the thread that would
+    # release the lock, so the process hung.
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", BLOCKED_READER], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process froze: a lock wait held the interpreter")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

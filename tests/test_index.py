@@ -72,7 +72,7 @@ def test_contract_round_trip(index: kvsync.Index) -> None:
     [
         array("I", PROMPT),
         np.array(PROMPT, dtype=np.uint32),
-        np.array(PROMPT, dtype=np.int64),  # not uint32: converted per element
+        np.array(PROMPT, dtype=np.int64),  # what tokenizers return: read as a buffer
         tuple(PROMPT),
         PROMPT,
     ],
@@ -85,7 +85,7 @@ def test_token_ids_in_every_form(index: kvsync.Index, tokens: Any) -> None:
 
 def test_bad_token_ids_say_what_is_wrong(index: kvsync.Index) -> None:
     index.apply("pod-a", batch(stored([1], None, PROMPT[:4])))
-    with pytest.raises(TypeError, match="uint32"):
+    with pytest.raises(ValueError, match=r"position 1 holds -2, outside 0\.\.2\*\*32"):
         index.match("llama", [1, -2, 3, 4])
     with pytest.raises(TypeError, match="not str"):
         index.match("llama", "abcd")
@@ -244,3 +244,72 @@ def test_decode_exposes_fields() -> None:
     assert ev.token_ids == PROMPT[:8]
     assert ev.to_dict()["medium"] == "GPU"
     assert b.events[1].type == "BlockRemoved"
+
+
+def test_purge_and_remove_both_answer_whether_the_worker_was_known(index: kvsync.Index) -> None:
+    index.apply("pod-a", batch(stored([1, 2], None, PROMPT[:8])), seq=5)
+    assert index.purge_worker("pod-a") is True
+    assert index.match("llama", PROMPT)["pod-a"] == 0
+    assert index.last_seq("pod-a") is None
+    assert "pod-a" in index.workers()  # purged, still registered
+    assert index.purge_worker("nobody") is False
+    assert index.remove_worker("nobody") is False
+
+
+def test_worker_status_repr_is_python_style() -> None:
+    ix = kvsync.Index()
+    streams = kvsync._core.Streams(ix)
+    streams.add("w", "llama", replay=False)
+    assert streams.start("w", 0.0) is None
+    fresh = streams.status(0.0)["w"]
+    assert "last_seq=None" in repr(fresh)
+    streams.live("w", (4).to_bytes(8, "big"), batch(stored([1], None, PROMPT[:4])), 1.0)
+    st = streams.status(1.0)["w"]
+    assert st.last_seq == 4
+    assert "last_seq=4" in repr(st)
+    assert "Some(" not in repr(st)
+    assert repr(st).startswith("WorkerStatus(worker='w', state=")
+    assert st == streams.status(1.0)["w"]  # compares by value
+    assert st != fresh
+
+
+def test_apply_stats_compare_print_and_convert_by_value(index: kvsync.Index) -> None:
+    st = index.apply("pod-a", batch(stored([1, 2], None, PROMPT[:8])))
+    assert st == index.apply("pod-b", batch(stored([1, 2], None, PROMPT[:8])))
+    assert st != index.apply("pod-b", batch(removed([2])))
+    assert repr(st).startswith("ApplyStats(stored=2, removed=0, cleared=0, skipped=0")
+    assert st.to_dict()["stored"] == 2
+    assert list(st.to_dict()) == [
+        "stored",
+        "removed",
+        "cleared",
+        "skipped",
+        "orphaned",
+        "ignored",
+        "unknown_removals",
+        "unknown_events",
+    ]
+
+
+def test_stats_dicts_have_every_field(index: kvsync.Index) -> None:
+    index.apply("pod-a", batch(stored([1, 2], None, PROMPT[:8])), seq=3)
+    assert set(index.stats()) == {
+        "workers",
+        "models",
+        "blocks",
+        "holdings",
+        "dormant",
+        "engine_hashes",
+        "evictions",
+        "capacity_blocks",
+        "memory_bytes",
+    }
+    ws = index.worker_stats("pod-a")
+    assert (ws["model"], ws["blocks"], ws["last_seq"], ws["stored"], ws["batches"]) == (
+        "llama",
+        2,
+        3,
+        2,
+        1,
+    )
+    assert set(ws) >= {"engine_hashes", "removed", "cleared", "skipped", "orphaned", "purges"}

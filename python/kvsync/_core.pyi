@@ -6,6 +6,26 @@ from typing import Any, TypedDict, final
 
 from typing_extensions import Buffer
 
+__all__ = [
+    "AlreadyFollowedError",
+    "ApplyStats",
+    "Batch",
+    "DecodeError",
+    "Error",
+    "Event",
+    "FileError",
+    "Index",
+    "InvalidArgumentError",
+    "InvariantError",
+    "SnapshotError",
+    "Streams",
+    "UnknownWorkerError",
+    "WorkerBusyError",
+    "WorkerStatus",
+    "__version__",
+    "decode",
+]
+
 __version__: str
 
 TokenIds = Sequence[int] | Buffer
@@ -23,11 +43,66 @@ class IndexStats(TypedDict):
     capacity_blocks: int | None
     memory_bytes: int
 
-class DecodeError(ValueError):
-    """A payload that is not a well-formed KVEventBatch."""
+class IndexWorkerStats(TypedDict):
+    model: str
+    blocks: int
+    engine_hashes: int
+    last_seq: int | None
+    batches: int
+    stored: int
+    removed: int
+    cleared: int
+    skipped: int
+    orphaned: int
+    unknown_removals: int
+    unknown_events: int
+    purges: int
 
-class SnapshotError(ValueError):
-    """An index snapshot that cannot be read."""
+class Error(Exception):
+    """Base class of every error kvsync raises."""
+
+class DecodeError(Error, ValueError):
+    """A payload that is not a well-formed KVEventBatch.
+
+    ``reason`` says what was wrong; ``event``, ``field``, ``offset`` (byte)
+    and ``payload`` (position in a multi-payload call) where, when known.
+    """
+
+    reason: str
+    event: int | None
+    field: str | None
+    offset: int | None
+    payload: int | None
+    def __init__(
+        self,
+        message: str,
+        reason: str | None = None,
+        event: int | None = None,
+        field: str | None = None,
+        offset: int | None = None,
+        payload: int | None = None,
+    ) -> None: ...
+
+class SnapshotError(Error, ValueError):
+    """An index snapshot that cannot be read (the message names the file)."""
+
+class UnknownWorkerError(Error, KeyError):
+    """A worker id the index does not know."""
+
+class InvalidArgumentError(Error, ValueError):
+    """An argument out of range, or a worker registered for another model."""
+
+class FileError(Error, OSError):
+    """A snapshot file that cannot be written or read (``filename`` names it)."""
+
+class WorkerBusyError(Error, RuntimeError):
+    """The worker is followed by an event stream; change it through the stream."""
+
+class AlreadyFollowedError(Error, ValueError):
+    """The worker id is already followed by an event stream."""
+
+class InvariantError(Error, AssertionError):
+    """Index.check() found a broken internal invariant (a bug in kvsync)."""
 
 @final
 class ApplyStats:
@@ -47,10 +122,17 @@ class ApplyStats:
 class Index:
     """The exact prefix index: which worker holds which prompt prefix."""
 
-    def __init__(self, capacity_blocks: int | None = None) -> None: ...
+    def __new__(cls, capacity_blocks: int | None = None) -> Index:
+        """An empty index; ``capacity_blocks`` (>= 1) bounds the distinct blocks held.
+
+        Raises InvalidArgumentError (a ValueError) for a bound out of range.
+        """
+
     def add_worker(self, worker_id: str, model: str) -> None: ...
     def remove_worker(self, worker_id: str) -> bool: ...
-    def purge_worker(self, worker_id: str) -> None: ...
+    def purge_worker(self, worker_id: str) -> bool:
+        """Drop everything the worker holds (it stays registered); False if unknown."""
+
     def apply(self, worker_id: str, payload: bytes, seq: int | None = None) -> ApplyStats: ...
     def apply_many(
         self, worker_id: str, payloads: Sequence[bytes], first_seq: int | None = None
@@ -62,14 +144,23 @@ class Index:
         lora: Lora = None,
         extra_keys: ExtraKeys | None = None,
         tiers: str | Iterable[str] | None = None,
-    ) -> dict[str, int]: ...
+    ) -> dict[str, int]:
+        """``{worker: leading full blocks held}`` for every worker of ``model``.
+
+        A model no worker serves has no holders: the answer is ``{}``.
+        ``token_ids`` is a sequence of ints or a 1-D native-endian integer
+        buffer (any width; values in 0..2**32).
+        """
+
     def match_detail(
         self,
         model: str,
         token_ids: TokenIds,
         lora: Lora = None,
         extra_keys: ExtraKeys | None = None,
-    ) -> dict[str, dict[str, int]]: ...
+    ) -> dict[str, dict[str, int]]:
+        """``{worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}``, all of one moment."""
+
     def prefix_keys(
         self,
         model: str,
@@ -78,12 +169,16 @@ class Index:
         extra_keys: ExtraKeys | None = None,
     ) -> list[int]: ...
     def stats(self) -> IndexStats: ...
-    def worker_stats(self, worker_id: str) -> dict[str, Any]: ...
+    def worker_stats(self, worker_id: str) -> IndexWorkerStats: ...
     def workers(self) -> dict[str, str]: ...
     def block_size(self, model: str) -> int | None: ...
     def last_seq(self, worker_id: str) -> int | None: ...
-    def check(self) -> None: ...
-    def save(self, path: str | PathLike[str]) -> None: ...
+    def check(self) -> None:
+        """Check every internal invariant; raises InvariantError if one is broken."""
+
+    def save(self, path: str | PathLike[str]) -> None:
+        """Write a snapshot atomically; FileError (an OSError) names the path on failure."""
+
     @staticmethod
     def load(path: str | PathLike[str]) -> Index: ...
 
@@ -141,12 +236,13 @@ class WorkerStatus:
     timeouts: int
     buffered: int
     seconds_since_last_event: float | None
+    def to_dict(self) -> dict[str, Any]: ...
 
 @final
 class Streams:
     """Stream state machines of a set of workers, applying into one index."""
 
-    def __init__(self, index: Index) -> None: ...
+    def __new__(cls, index: Index) -> Streams: ...
     def add(
         self,
         worker_id: str,

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString};
 
-use crate::errors::DecodeError;
+use crate::errors::Result;
 
 /// One decoded event. Fields a release does not send are None.
 #[pyclass(frozen, get_all, module = "kvsync._core")]
@@ -133,8 +133,8 @@ pub(crate) fn opt_str(s: Option<&str>) -> Option<String> {
 /// Decode one payload into a `Batch` (for tools and tests; the index
 /// decodes internally without building Python objects).
 #[pyfunction]
-pub(crate) fn decode(py: Python<'_>, payload: PyBackedBytes) -> PyResult<Batch> {
-    let b = wire::decode(&payload, Mode::Full).map_err(|e| DecodeError::new_err(e.to_string()))?;
+pub(crate) fn decode(py: Python<'_>, payload: PyBackedBytes) -> Result<Batch> {
+    let b = wire::decode(&payload, Mode::Full)?;
     let events = PyList::empty(py);
     for ev in &b.events {
         let hashes = |r: &std::ops::Range<usize>| -> PyResult<Py<PyAny>> {

@@ -1,54 +1,80 @@
 //! The `Index` pyclass and the cache of worker names its answers are
 //! built from.
+//!
+//! Every call converts its arguments first, then does the index work
+//! detached under one lock acquisition, copies the result out as plain Rust
+//! values, releases the lock, and only then builds Python objects (see
+//! `lock.rs` for why).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kvsync_core::wire::{self, Mode};
 use kvsync_core::{IndexError, Tier};
-use parking_lot::RwLock;
-use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyDict, PyString};
 
 use crate::convert::{tiers_of, QueryArgs};
-use crate::errors::{to_py, SnapshotError};
-use crate::lock::detached;
-use crate::results::ApplyStats;
+use crate::errors::{Error, Result};
+use crate::lock::{detached, DetachedMutex, DetachedRwLock};
+use crate::results::{stats_dict, worker_stats_dict, ApplyStats};
+
+/// Registered workers as plain Rust values, copied under the read lock.
+struct WorkerList {
+    epoch: u64,
+    slot_count: usize,
+    /// (slot, worker id, model)
+    workers: Vec<(u32, String, String)>,
+}
+
+impl WorkerList {
+    fn of(ix: &kvsync_core::Index) -> WorkerList {
+        WorkerList {
+            epoch: ix.worker_epoch(),
+            slot_count: ix.slot_count(),
+            workers: ix.worker_slots().map(|(s, id, m)| (s, id.to_owned(), m.to_owned())).collect(),
+        }
+    }
+}
 
 /// Worker ids as Python strings by slot, and per model a template answer
 /// `{worker: 0}` in slot order: an answer is a copy of the template with the
 /// non-zero depths written in, so no string is created and the dict never
 /// resizes during a match.
 pub(crate) struct Names {
-    epoch: u64,
+    /// The index's worker epoch these names are of (None: never built).
+    epoch: Option<u64>,
     by_slot: Vec<Option<Py<PyString>>>,
     templates: std::collections::HashMap<String, Py<PyDict>>,
 }
 
 impl Names {
-    fn of(py: Python<'_>, ix: &kvsync_core::Index) -> PyResult<Names> {
-        let mut by_slot: Vec<Option<Py<PyString>>> = (0..ix.slot_count()).map(|_| None).collect();
+    fn empty() -> Names {
+        Names { epoch: None, by_slot: Vec::new(), templates: std::collections::HashMap::new() }
+    }
+
+    fn of(py: Python<'_>, list: &WorkerList) -> PyResult<Names> {
+        let mut by_slot: Vec<Option<Py<PyString>>> = (0..list.slot_count).map(|_| None).collect();
         let mut templates: std::collections::HashMap<String, Py<PyDict>> = std::collections::HashMap::new();
         let zero = 0u32.into_pyobject(py)?;
-        for (slot, id, model) in ix.worker_slots() {
+        for (slot, id, model) in &list.workers {
             let name = PyString::new(py, id);
-            let t = templates.entry(model.to_owned()).or_insert_with(|| PyDict::new(py).unbind());
+            let t = templates.entry(model.clone()).or_insert_with(|| PyDict::new(py).unbind());
             t.bind(py).set_item(&name, &zero)?;
-            by_slot[slot as usize] = Some(name.unbind());
+            by_slot[*slot as usize] = Some(name.unbind());
         }
-        Ok(Names { epoch: ix.worker_epoch(), by_slot, templates })
+        Ok(Names { epoch: Some(list.epoch), by_slot, templates })
     }
 }
 
 /// Python ints for match depths, made once (CPython caches only -5..=256).
-pub(crate) static DEPTHS: pyo3::sync::PyOnceLock<Vec<Py<PyAny>>> = pyo3::sync::PyOnceLock::new();
-pub(crate) const CACHED_DEPTHS: u32 = 8192;
+static DEPTHS: pyo3::sync::PyOnceLock<Vec<Py<PyAny>>> = pyo3::sync::PyOnceLock::new();
+const CACHED_DEPTHS: u32 = 8192;
 
-pub(crate) fn depth_cache(py: Python<'_>) -> &[Py<PyAny>] {
+fn depth_cache(py: Python<'_>) -> &[Py<PyAny>] {
     DEPTHS.get_or_init(py, || {
         (0..=CACHED_DEPTHS).map(|i| i.into_pyobject(py).expect("int").into_any().unbind()).collect()
     })
@@ -59,56 +85,68 @@ thread_local! {
     static DECODE_BUFFERS: std::cell::RefCell<wire::Buffers> = std::cell::RefCell::new(wire::Buffers::default());
 }
 
+/// The tiers of `match_detail`, in answer order (None: any tier).
+const DETAIL: [(&str, Option<Tier>); 4] =
+    [("gpu", Some(Tier::Gpu)), ("cpu", Some(Tier::Cpu)), ("storage", Some(Tier::Storage)), ("any", None)];
+
+/// Depths by worker slot.
+type Found = Vec<(u32, u32)>;
+
 /// The exact prefix index (see SPEC section 2).
 ///
-/// Locking rule: no thread ever waits for the GIL while holding `inner`
-/// (work under the lock runs detached or is plain Rust), so taking `inner`
-/// while attached cannot deadlock.
+/// Lock order: `inner` before `names`; `Streams` takes its own lock before
+/// `inner`. Neither is ever waited for while attached (`lock.rs`).
 #[pyclass(frozen, module = "kvsync._core")]
 pub(crate) struct Index {
-    pub(crate) inner: RwLock<kvsync_core::Index>,
-    names: parking_lot::Mutex<Arc<Names>>,
+    pub(crate) inner: DetachedRwLock<kvsync_core::Index>,
+    names: DetachedMutex<Arc<Names>>,
 }
 
 impl Index {
     fn wrap(ix: kvsync_core::Index) -> Index {
-        Index {
-            inner: RwLock::new(ix),
-            names: parking_lot::Mutex::new(Arc::new(Names {
-                epoch: u64::MAX,
-                by_slot: Vec::new(),
-                templates: std::collections::HashMap::new(),
-            })),
-        }
+        Index { inner: DetachedRwLock::new(ix), names: DetachedMutex::new(Arc::new(Names::empty())) }
     }
 
-    /// Match `args` and turn the answer into `{worker: blocks}`.
-    fn answer<'py>(&self, py: Python<'py>, model: &str, args: &QueryArgs, mask: u8) -> PyResult<Bound<'py, PyDict>> {
-        let (mut found, epoch) = detached(py, || {
-            let ix = self.inner.read();
-            let mut out = Vec::new();
-            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
-            (out, ix.worker_epoch())
+    /// Match `args` once per mask under one read lock (so the answers are
+    /// of one moment), with the names of the workers at that moment.
+    fn find<const N: usize>(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        args: &QueryArgs,
+        masks: [u8; N],
+    ) -> PyResult<([Found; N], Arc<Names>)> {
+        let cached = self.names.lock(py).clone();
+        let (found, fresh) = self.inner.with_read(py, |ix| {
+            let found = masks.map(|mask| {
+                let mut out = Vec::new();
+                args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
+                out
+            });
+            let stale = cached.epoch != Some(ix.worker_epoch());
+            (found, stale.then(|| WorkerList::of(ix)))
         });
-        // Clone the cache handle and let go of the mutex at once: building
-        // Python objects may run arbitrary code.
-        let mut names = self.names.lock().clone();
-        if names.epoch != epoch {
-            // Workers changed: rebuild the names, and if they changed again
-            // since the match, match again under the same read lock.
-            let ix = self.inner.read();
-            let fresh = Arc::new(Names::of(py, &ix)?);
-            if fresh.epoch != epoch {
-                args.with_query(model, mask, |q| ix.match_slots(q, &mut found));
+        let Some(list) = fresh else { return Ok((found, cached)) };
+        let names = Arc::new(Names::of(py, &list)?);
+        let old = {
+            let mut slot = self.names.lock(py);
+            // Racing rebuilds: keep the newest (epochs only grow).
+            if slot.epoch.is_none_or(|e| e < list.epoch) {
+                Some(std::mem::replace(&mut *slot, names.clone()))
+            } else {
+                None
             }
-            drop(ix);
-            names = fresh.clone();
-            *self.names.lock() = fresh;
-        }
+        };
+        drop(old); // outside the mutex: dropping Python objects may run the GC
+        Ok((found, names))
+    }
+
+    /// `{worker: blocks}` for every worker of `model`.
+    fn answer<'py>(py: Python<'py>, names: &Names, model: &str, found: &Found) -> PyResult<Bound<'py, PyDict>> {
         let Some(template) = names.templates.get(model) else { return Ok(PyDict::new(py)) };
         let d = template.bind(py).copy()?;
         let depths = depth_cache(py);
-        for (slot, n) in found {
+        for &(slot, n) in found {
             if n == 0 {
                 continue;
             }
@@ -135,40 +173,82 @@ impl Index {
     }
 }
 
+/// A writer that keeps the first I/O error, so that a failed save reports
+/// the file's error (with its errno) rather than the core's generic one.
+struct KeepError<W> {
+    inner: W,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> Write for KeepError<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| self.keep(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|e| self.keep(e))
+    }
+}
+
+impl<W> KeepError<W> {
+    fn keep(&mut self, e: &io::Error) {
+        if self.error.is_none() {
+            self.error = Some(match e.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(e.kind(), e.to_string()),
+            });
+        }
+    }
+}
+
 #[pymethods]
 impl Index {
     #[new]
     #[pyo3(signature = (capacity_blocks=None))]
-    fn new(capacity_blocks: Option<usize>) -> PyResult<Self> {
-        Ok(Index::wrap(kvsync_core::Index::new(capacity_blocks).map_err(to_py)?))
+    fn new(capacity_blocks: Option<i128>) -> Result<Self> {
+        let capacity = capacity_blocks
+            .map(|c| {
+                usize::try_from(c).map_err(|_| {
+                    Error::invalid(format!("capacity_blocks must be a number of blocks >= 1 (or None), got {c}"))
+                })
+            })
+            .transpose()?;
+        Ok(Index::wrap(kvsync_core::Index::new(capacity)?))
     }
 
     /// Register a worker (one engine event stream) of `model`.
-    fn add_worker(&self, worker_id: &str, model: &str) -> PyResult<()> {
-        self.inner.write().add_worker(worker_id, model).map_err(to_py)
+    fn add_worker(&self, py: Python<'_>, worker_id: &str, model: &str) -> Result<()> {
+        Ok(self.inner.write(py).add_worker(worker_id, model)?)
     }
 
     /// Remove a worker and purge everything it holds; False if unknown.
-    fn remove_worker(&self, py: Python<'_>, worker_id: &str) -> PyResult<bool> {
-        detached(py, || self.inner.write().remove_worker(worker_id)).map_err(to_py)
+    /// A worker followed by an EventManager raises WorkerBusyError (remove
+    /// its pod from the manager instead).
+    fn remove_worker(&self, py: Python<'_>, worker_id: &str) -> Result<bool> {
+        Ok(self.inner.with_write(py, |ix| ix.remove_worker(worker_id))?)
     }
 
-    /// Drop everything a worker holds; it stays registered.
-    fn purge_worker(&self, py: Python<'_>, worker_id: &str) -> PyResult<()> {
-        detached(py, || self.inner.write().purge_worker(worker_id)).map_err(to_py)
+    /// Drop everything a worker holds (it stays registered); False if
+    /// unknown.
+    fn purge_worker(&self, py: Python<'_>, worker_id: &str) -> Result<bool> {
+        match self.inner.with_write(py, |ix| ix.purge_worker(worker_id)) {
+            Ok(()) => Ok(true),
+            Err(IndexError::UnknownWorker(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Apply one KVEventBatch payload from `worker_id`'s stream.
     #[pyo3(signature = (worker_id, payload, seq=None))]
-    fn apply(&self, py: Python<'_>, worker_id: &str, payload: PyBackedBytes, seq: Option<u64>) -> PyResult<ApplyStats> {
+    fn apply(&self, py: Python<'_>, worker_id: &str, payload: PyBackedBytes, seq: Option<u64>) -> Result<ApplyStats> {
         let data: &[u8] = &payload;
-        detached(py, || {
+        let stats = detached(py, || {
             DECODE_BUFFERS.with(|cell| {
                 let mut bufs = cell.take();
                 // Decode outside the lock: readers only wait for the apply itself.
                 let result =
                     wire::decode_with(data, Mode::Index, &mut bufs).map_err(IndexError::from).and_then(|batch| {
-                        let mut ix = self.inner.write();
+                        let mut ix = self.inner.write_detached();
                         let st = ix.apply_decoded(worker_id, &batch, seq);
                         if let (Ok(_), Some(seq)) = (&st, seq) {
                             // The position a resumed stream checks: seq and payload digest.
@@ -181,9 +261,8 @@ impl Index {
                 cell.replace(bufs);
                 result
             })
-        })
-        .map(ApplyStats::from)
-        .map_err(to_py)
+        })?;
+        Ok(stats.into())
     }
 
     /// Apply many payloads of one worker in order under one lock; stops at
@@ -195,11 +274,10 @@ impl Index {
         worker_id: &str,
         payloads: Vec<PyBackedBytes>,
         first_seq: Option<u64>,
-    ) -> PyResult<ApplyStats> {
+    ) -> Result<ApplyStats> {
         let slices: Vec<&[u8]> = payloads.iter().map(|p| &**p).collect();
-        detached(py, || {
+        let stats = self.inner.with_write(py, |ix| {
             let mut total = kvsync_core::ApplyStats::default();
-            let mut ix = self.inner.write();
             for (i, p) in slices.iter().enumerate() {
                 let batch = wire::decode(p, Mode::Index).map_err(|e| IndexError::Decode(e.in_payload(i)))?;
                 let seq = first_seq.map(|s| s + i as u64);
@@ -208,14 +286,14 @@ impl Index {
                     ix.set_position(worker_id, Some(seq), kvsync_core::payload_digest(p))?;
                 }
             }
-            Ok(total)
-        })
-        .map(ApplyStats::from)
-        .map_err(to_py)
+            Ok::<_, IndexError>(total)
+        })?;
+        Ok(stats.into())
     }
 
     /// For every worker of `model`: leading full blocks of the prompt it
-    /// holds (in any tier, or in `tiers`).
+    /// holds (in any tier, or in `tiers`). A model no worker serves has no
+    /// holders: the answer is `{}`.
     #[pyo3(signature = (model, token_ids, lora=None, extra_keys=None, tiers=None))]
     fn r#match<'py>(
         &self,
@@ -225,13 +303,16 @@ impl Index {
         lora: Option<&Bound<'py, PyAny>>,
         extra_keys: Option<&Bound<'py, PyAny>>,
         tiers: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyDict>> {
+    ) -> Result<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
         let mask = tiers_of(tiers)?;
-        self.answer(py, model, &args, mask)
+        let ([found], names) = self.find(py, model, &args, [mask])?;
+        Ok(Index::answer(py, &names, model, &found)?)
     }
 
-    /// Like `match`, per tier: {worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}.
+    /// Like `match`, per tier, all four from one moment:
+    /// `{worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}` (`{}` for a
+    /// model no worker serves).
     #[pyo3(signature = (model, token_ids, lora=None, extra_keys=None))]
     fn match_detail<'py>(
         &self,
@@ -240,22 +321,27 @@ impl Index {
         token_ids: &Bound<'py, PyAny>,
         lora: Option<&Bound<'py, PyAny>>,
         extra_keys: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyDict>> {
+    ) -> Result<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
+        let (found, names) = self.find(py, model, &args, DETAIL.map(|(_, tier)| tier.map_or(7, Tier::bit)))?;
         let d = PyDict::new(py);
-        for (name, mask) in
-            [("gpu", Tier::Gpu.bit()), ("cpu", Tier::Cpu.bit()), ("storage", Tier::Storage.bit()), ("any", 7)]
-        {
-            for (w, n) in self.answer(py, model, &args, mask)?.iter() {
-                let inner = match d.get_item(&w)? {
-                    Some(x) => x.cast_into::<PyDict>()?,
-                    None => {
-                        let x = PyDict::new(py);
-                        d.set_item(&w, &x)?;
-                        x
-                    }
-                };
-                inner.set_item(name, n)?;
+        let Some(template) = names.templates.get(model) else { return Ok(d) };
+        for worker in template.bind(py).keys() {
+            let per_tier = PyDict::new(py);
+            for (tier, _) in DETAIL {
+                per_tier.set_item(tier, 0)?;
+            }
+            d.set_item(worker, per_tier)?;
+        }
+        for ((tier, _), found) in DETAIL.iter().zip(&found) {
+            for &(slot, n) in found {
+                let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
+                if n == 0 {
+                    continue;
+                }
+                if let Some(per_tier) = d.get_item(name.bind(py))? {
+                    per_tier.set_item(*tier, n)?;
+                }
             }
         }
         Ok(d)
@@ -266,108 +352,87 @@ impl Index {
     #[pyo3(signature = (model, token_ids, lora=None, extra_keys=None))]
     fn prefix_keys(
         &self,
+        py: Python<'_>,
         model: &str,
         token_ids: &Bound<'_, PyAny>,
         lora: Option<&Bound<'_, PyAny>>,
         extra_keys: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Vec<u64>> {
+    ) -> Result<Vec<u64>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
-        let ix = self.inner.read();
-        Ok(args.with_query(model, 7, |q| ix.query_keys(q)))
+        Ok(self.inner.with_read(py, |ix| args.with_query(model, 7, |q| ix.query_keys(q))))
     }
 
     /// Size of the index: workers, models, blocks, holdings, dormant,
     /// engine_hashes, evictions, capacity_blocks, memory_bytes.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.read().stats();
-        let d = PyDict::new(py);
-        d.set_item("workers", s.workers)?;
-        d.set_item("models", s.models)?;
-        d.set_item("blocks", s.blocks)?;
-        d.set_item("holdings", s.holdings)?;
-        d.set_item("dormant", s.dormant)?;
-        d.set_item("engine_hashes", s.engine_hashes)?;
-        d.set_item("evictions", s.evictions)?;
-        d.set_item("capacity_blocks", s.capacity_blocks)?;
-        d.set_item("memory_bytes", s.memory_bytes)?;
-        Ok(d)
+        let s = self.inner.read(py).stats();
+        stats_dict(py, &s)
     }
 
     /// Per-worker counters and sizes.
-    fn worker_stats<'py>(&self, py: Python<'py>, worker_id: &str) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.read().worker_stats(worker_id).map_err(to_py)?;
-        let d = PyDict::new(py);
-        d.set_item("model", s.model)?;
-        d.set_item("blocks", s.blocks)?;
-        d.set_item("engine_hashes", s.engine_hashes)?;
-        d.set_item("last_seq", s.last_seq)?;
-        let c = s.counters;
-        d.set_item("batches", c.batches)?;
-        d.set_item("stored", c.stored)?;
-        d.set_item("removed", c.removed)?;
-        d.set_item("cleared", c.cleared)?;
-        d.set_item("skipped", c.skipped)?;
-        d.set_item("orphaned", c.orphaned)?;
-        d.set_item("unknown_removals", c.unknown_removals)?;
-        d.set_item("unknown_events", c.unknown_events)?;
-        d.set_item("purges", c.purges)?;
-        Ok(d)
+    fn worker_stats<'py>(&self, py: Python<'py>, worker_id: &str) -> Result<Bound<'py, PyDict>> {
+        let s = self.inner.read(py).worker_stats(worker_id)?;
+        Ok(worker_stats_dict(py, &s)?)
     }
 
     /// {worker_id: model} for every registered worker.
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let list = self.inner.with_read(py, WorkerList::of);
         let d = PyDict::new(py);
-        for (w, m) in self.inner.read().workers() {
+        for (_, w, m) in list.workers {
             d.set_item(w, m)?;
         }
         Ok(d)
     }
 
     /// The block size learned from `model`'s events (None until known).
-    fn block_size(&self, model: &str) -> Option<u32> {
-        self.inner.read().block_size(model)
+    fn block_size(&self, py: Python<'_>, model: &str) -> Option<u32> {
+        self.inner.read(py).block_size(model)
     }
 
     /// The last seq applied for the worker (None if never given).
-    fn last_seq(&self, worker_id: &str) -> PyResult<Option<u64>> {
-        self.inner.read().last_seq(worker_id).map_err(to_py)
+    fn last_seq(&self, py: Python<'_>, worker_id: &str) -> Result<Option<u64>> {
+        Ok(self.inner.read(py).last_seq(worker_id)?)
     }
 
-    /// Check every internal invariant (O(size); for tests).
-    fn check(&self) -> PyResult<()> {
-        self.inner.read().check_invariants().map_err(pyo3::exceptions::PyAssertionError::new_err)
+    /// Check every internal invariant (O(size); for tests); raises
+    /// InvariantError naming the first one broken.
+    fn check(&self, py: Python<'_>) -> Result<()> {
+        self.inner.with_read(py, kvsync_core::Index::check_invariants).map_err(Error::Invariant)
     }
 
     /// Write a snapshot (holdings + last seq per worker) to `path`
     /// atomically (temp file + rename).
-    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    fn save(&self, py: Python<'_>, path: PathBuf) -> Result<()> {
         detached(py, || {
             let tmp = path.with_extension("tmp");
-            let file = File::create(&tmp)?;
-            let mut w = BufWriter::new(file);
-            self.inner.read().save(&mut w).map_err(|e| std::io::Error::other(e.to_string()))?;
-            w.flush()?;
-            w.get_ref().sync_all()?;
-            std::fs::rename(&tmp, &path)
+            let failed = |e| Error::file(&path, "save index snapshot", e);
+            let file = File::create(&tmp).map_err(failed)?;
+            let mut w = KeepError { inner: BufWriter::new(file), error: None };
+            let saved = self.inner.read_detached().save(&mut w);
+            if let Err(e) = saved {
+                return Err(w.error.take().map_or_else(|| e.into(), failed));
+            }
+            w.flush().map_err(failed)?;
+            w.inner.get_ref().sync_all().map_err(failed)?;
+            std::fs::rename(&tmp, &path).map_err(failed)
         })
-        .map_err(|e| PyOSError::new_err(format!("cannot save index to {}: {e}", path.display())))
     }
 
     /// Read a snapshot written by `save`.
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Index> {
-        let file = File::open(&path)
-            .map_err(|e| PyOSError::new_err(format!("cannot open index snapshot {}: {e}", path.display())))?;
+    fn load(py: Python<'_>, path: PathBuf) -> Result<Index> {
+        let file = File::open(&path).map_err(|e| Error::file(&path, "open index snapshot", e))?;
         let ix = detached(py, || kvsync_core::Index::load(&mut BufReader::new(file)));
         match ix {
             Ok(ix) => Ok(Index::wrap(ix)),
-            Err(IndexError::Snapshot(m)) => Err(SnapshotError::new_err(format!("{}: {m}", path.display()))),
-            Err(e) => Err(to_py(e)),
+            Err(IndexError::Snapshot(m)) => Err(IndexError::Snapshot(format!("{}: {m}", path.display())).into()),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn __repr__(&self) -> String {
-        let s = self.inner.read().stats();
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let s = self.inner.read(py).stats();
         format!(
             "Index(workers={}, blocks={}, holdings={}, memory_bytes={})",
             s.workers, s.blocks, s.holdings, s.memory_bytes

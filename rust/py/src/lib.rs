@@ -1,9 +1,16 @@
 //! `kvsync._core`: the Python face of kvsync-core.
 //!
 //! Inputs are turned into owned Rust values or borrowed immutable bytes
-//! first; the work then runs with the GIL released through [`detached`].
-//! The index sits behind a reader-writer lock, so matches from many threads
-//! run in parallel while `apply` takes the lock briefly per payload.
+//! first (`convert`); the work then runs detached from the interpreter
+//! under locks that are never waited for while attached (`lock`), and
+//! Python objects are built only after the locks are released. The index
+//! sits behind a reader-writer lock, so matches from many threads run in
+//! parallel while `apply` takes the lock briefly per payload. Every error
+//! goes through `errors::Error` into one exception hierarchy.
+//!
+//! Modules: `index` (Index), `streams` (Streams), `decode` (decode, Batch,
+//! Event), `results` (ApplyStats, WorkerStatus, stats dicts), `errors`,
+//! `convert`, `lock`.
 
 // PyO3 extracts arguments by value (PyBackedBytes, PathBuf, Vec).
 #![allow(clippy::needless_pass_by_value)]
@@ -19,16 +26,14 @@ mod streams;
 use pyo3::prelude::*;
 
 use decode::{Batch, Event};
-use errors::{DecodeError, SnapshotError};
 use index::Index;
-use results::ApplyStats;
-use streams::{Streams, WorkerStatus};
+use results::{ApplyStats, WorkerStatus};
+use streams::Streams;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("DecodeError", m.py().get_type::<DecodeError>())?;
-    m.add("SnapshotError", m.py().get_type::<SnapshotError>())?;
+    errors::add_to_module(m)?;
     m.add_class::<Index>()?;
     m.add_class::<ApplyStats>()?;
     m.add_class::<Batch>()?;

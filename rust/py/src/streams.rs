@@ -1,97 +1,17 @@
 //! `Streams`: the Python face of the event streams the core index follows
-//! (one per worker), and `WorkerStatus`. The stream state lives in the core
-//! index, so every call takes the index's one lock, detached.
+//! (one per worker; their status records are `results::WorkerStatus`). The
+//! stream state lives in the core index, so every call takes the index's
+//! one lock (`Index.inner`), detached (`lock.rs`).
+
+use std::collections::BTreeMap;
 
 use kvsync_core::{IndexError, StreamConfig, Todo};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
-use crate::errors::to_py;
+use crate::errors::Result;
 use crate::index::Index;
-use crate::lock::detached;
-
-/// Status of one worker's event stream.
-#[pyclass(frozen, get_all, module = "kvsync._core")]
-pub(crate) struct WorkerStatus {
-    worker: String,
-    /// connecting, replaying, live, degraded, disconnected or stopped.
-    state: &'static str,
-    last_seq: Option<u64>,
-    batches: u64,
-    events: u64,
-    gaps: u64,
-    /// Live seqs that never arrived on the live stream.
-    dropped: u64,
-    replays: u64,
-    lost_batches: u64,
-    resets: u64,
-    malformed: u64,
-    duplicates: u64,
-    purges: u64,
-    timeouts: u64,
-    abandoned: u64,
-    overflows: u64,
-    disconnects: u64,
-    buffered: usize,
-    buffered_bytes: usize,
-    /// Seconds since the last applied batch (None before the first).
-    seconds_since_last_event: Option<f64>,
-    /// Seconds since the publisher disconnected (None while connected).
-    seconds_disconnected: Option<f64>,
-}
-
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or_else(|| "None".to_owned(), |v| v.to_string())
-}
-
-#[pymethods]
-impl WorkerStatus {
-    fn __repr__(&self) -> String {
-        format!(
-            "WorkerStatus({:?}, state={:?}, last_seq={}, batches={}, gaps={}, dropped={}, replays={}, lost_batches={}, resets={}, malformed={})",
-            self.worker,
-            self.state,
-            opt(self.last_seq),
-            self.batches,
-            self.gaps,
-            self.dropped,
-            self.replays,
-            self.lost_batches,
-            self.resets,
-            self.malformed
-        )
-    }
-}
-
-impl WorkerStatus {
-    fn of(worker: &str, s: &kvsync_core::Stream, now: f64) -> WorkerStatus {
-        let c = s.counters();
-        let (buffered, buffered_bytes) = s.buffered();
-        WorkerStatus {
-            worker: worker.to_owned(),
-            state: s.state().name(),
-            last_seq: s.last_seq(),
-            batches: c.batches,
-            events: c.events,
-            gaps: c.gaps,
-            dropped: c.dropped,
-            replays: c.replays,
-            lost_batches: c.lost,
-            resets: c.resets,
-            malformed: c.malformed,
-            duplicates: c.duplicates,
-            purges: c.purges,
-            timeouts: c.timeouts,
-            abandoned: c.abandoned,
-            overflows: c.overflows,
-            disconnects: c.disconnects,
-            buffered,
-            buffered_bytes,
-            seconds_since_last_event: s.last_event().map(|t| (now - t).max(0.0)),
-            seconds_disconnected: s.disconnected_at().map(|t| (now - t).max(0.0)),
-        }
-    }
-}
+use crate::results::WorkerStatus;
 
 pub(crate) fn seq_of(frame: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(frame).ok().map(u64::from_be_bytes)
@@ -111,10 +31,9 @@ impl Streams {
     fn with<T: Send>(
         &self,
         py: Python<'_>,
-        f: impl Send + FnOnce(&mut kvsync_core::Index) -> Result<T, IndexError>,
-    ) -> PyResult<T> {
-        let index = self.index.get();
-        detached(py, || f(&mut index.inner.write())).map_err(to_py)
+        f: impl Send + FnOnce(&mut kvsync_core::Index) -> std::result::Result<T, IndexError>,
+    ) -> Result<T> {
+        Ok(self.index.get().inner.with_write(py, f)?)
     }
 }
 
@@ -151,7 +70,7 @@ impl Streams {
         dead_after: f64,
         idle_probe: f64,
         replay_max: f64,
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let config = StreamConfig {
             replay,
             replay_timeout,
@@ -167,18 +86,18 @@ impl Streams {
 
     /// The worker's publisher is connected: begin (replay from the start, or
     /// verify a resumed position). Returns the replay start to request.
-    fn start(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
+    fn start(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<Option<u64>> {
         self.with(py, |ix| ix.stream_start(worker_id, now).map(from))
     }
 
     /// Stop following a worker and remove it (with its holdings) from the
     /// index. False if it was not there.
-    fn remove(&self, py: Python<'_>, worker_id: &str) -> PyResult<bool> {
+    fn remove(&self, py: Python<'_>, worker_id: &str) -> Result<bool> {
         self.with(py, |ix| Ok(ix.unfollow(worker_id)))
     }
 
     /// The followed workers.
-    fn workers(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+    fn workers(&self, py: Python<'_>) -> Result<Vec<String>> {
         self.with(py, |ix| Ok(ix.streams().map(|(w, _)| w.to_owned()).collect()))
     }
 
@@ -191,7 +110,7 @@ impl Streams {
         seq: &[u8],
         payload: PyBackedBytes,
         now: f64,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         let seq = seq_of(seq);
         self.with(py, |ix| ix.stream_live(worker_id, seq, &payload, now).map(from))
     }
@@ -205,7 +124,7 @@ impl Streams {
         worker_id: &str,
         messages: Vec<(Vec<u8>, PyBackedBytes)>,
         now: f64,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         let msgs: Vec<(Option<u64>, &[u8])> = messages.iter().map(|(seq, p)| (seq_of(seq), &**p)).collect();
         self.with(py, |ix| ix.stream_live_many(worker_id, msgs, now).map(from))
     }
@@ -219,35 +138,35 @@ impl Streams {
         seq: &[u8],
         payload: PyBackedBytes,
         now: f64,
-    ) -> PyResult<Option<u64>> {
+    ) -> Result<Option<u64>> {
         let seq = seq_of(seq);
         self.with(py, |ix| ix.stream_replayed(worker_id, seq, &payload, now).map(from))
     }
 
-    fn replay_end(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
+    fn replay_end(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<Option<u64>> {
         self.with(py, |ix| ix.stream_replay_end(worker_id, now).map(from))
     }
 
     /// The SUB socket (re)connected to the publisher: call on every
     /// reconnect, also while a replay runs.
-    fn reconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<Option<u64>> {
+    fn reconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<Option<u64>> {
         self.with(py, |ix| ix.stream_reconnected(worker_id, now).map(from))
     }
 
     /// The publisher connection dropped (state `disconnected`; purged after
     /// `dead_after` seconds unless it reconnects).
-    fn disconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> PyResult<()> {
+    fn disconnected(&self, py: Python<'_>, worker_id: &str, now: f64) -> Result<()> {
         self.with(py, |ix| ix.stream_disconnected(worker_id, now))
     }
 
     /// Replay deadlines, dead workers, idle probes and clean periods:
     /// `[(worker_id, replay_from)]` to request.
-    fn tick(&self, py: Python<'_>, now: f64) -> PyResult<Vec<(String, u64)>> {
+    fn tick(&self, py: Python<'_>, now: f64) -> Result<Vec<(String, u64)>> {
         self.with(py, |ix| ix.stream_tick(now))
     }
 
     /// Mark a worker's stream stopped (its holdings stay until `remove`).
-    fn stop(&self, py: Python<'_>, worker_id: &str) -> PyResult<()> {
+    fn stop(&self, py: Python<'_>, worker_id: &str) -> Result<()> {
         self.with(py, |ix| match ix.stream_stop(worker_id) {
             Err(IndexError::UnknownWorker(_)) | Ok(()) => Ok(()),
             Err(e) => Err(e),
@@ -255,7 +174,7 @@ impl Streams {
     }
 
     /// `{worker_id: WorkerStatus}`.
-    fn status(&self, py: Python<'_>, now: f64) -> PyResult<std::collections::BTreeMap<String, WorkerStatus>> {
+    fn status(&self, py: Python<'_>, now: f64) -> Result<BTreeMap<String, WorkerStatus>> {
         self.with(py, |ix| Ok(ix.streams().map(|(w, s)| (w.to_owned(), WorkerStatus::of(w, s, now))).collect()))
     }
 }
