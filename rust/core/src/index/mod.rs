@@ -106,6 +106,10 @@ pub struct WorkerCounters {
     pub unknown_removals: u64,
     pub unknown_events: u64,
     pub purges: u64,
+    /// Stored blocks ignored because the event's block size was 0 or
+    /// disagreed with the block size the model's held blocks use (also
+    /// counted in `skipped`).
+    pub block_size_mismatch: u64,
 }
 
 /// What one `apply` did, in block events (one per block hash).
@@ -128,6 +132,9 @@ pub struct ApplyStats {
     pub unknown_removals: u64,
     /// Events of a type this version does not know.
     pub unknown_events: u64,
+    /// Stored blocks (part of `ignored`) whose event gave block size 0 or
+    /// one that disagrees with the model's while the model holds blocks.
+    pub block_size_mismatch: u64,
 }
 
 impl ApplyStats {
@@ -141,6 +148,7 @@ impl ApplyStats {
         self.ignored += o.ignored;
         self.unknown_removals += o.unknown_removals;
         self.unknown_events += o.unknown_events;
+        self.block_size_mismatch += o.block_size_mismatch;
     }
 }
 
@@ -216,6 +224,8 @@ pub struct Index {
     free_workers: Vec<u32>,
     by_id: HashMap<String, u32>,
     models: Vec<Model>,
+    /// Ids of forgotten models, reused before `models` grows.
+    free_models: Vec<u32>,
     model_by_name: HashMap<String, u32>,
 }
 
@@ -288,6 +298,7 @@ impl Index {
             free_workers: Vec::new(),
             by_id: HashMap::new(),
             models: Vec::new(),
+            free_models: Vec::new(),
             model_by_name: HashMap::new(),
         })
     }

@@ -12,7 +12,7 @@ impl Index {
     pub fn stats(&self) -> Stats {
         Stats {
             workers: self.by_id.len(),
-            models: self.models.len(),
+            models: self.model_by_name.len(),
             blocks: self.held_blocks,
             holdings: self.holdings,
             dormant: self.dormant,
@@ -31,6 +31,7 @@ impl Index {
         n += self.pool.memory_bytes();
         n += self.workers.capacity() * std::mem::size_of::<Option<Worker>>();
         n += self.free_workers.capacity() * 4;
+        n += self.free_models.capacity() * 4;
         for w in self.workers.iter().flatten() {
             n += w.emap.allocation_size() + w.id.capacity();
         }

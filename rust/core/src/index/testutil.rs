@@ -44,6 +44,15 @@ impl B {
         self.events.push(e);
         self
     }
+    /// Add a `block_size` field to the last event (a fixmap).
+    pub(crate) fn block_size(mut self, bs: u64) -> Self {
+        let e = self.events.last_mut().unwrap();
+        assert!(e[0] & 0xf0 == 0x80 && e[0] < 0x8f, "last event is a fixmap");
+        e[0] += 1;
+        enc::write_str(e, "block_size").unwrap();
+        enc::write_uint(e, bs).unwrap();
+        self
+    }
     pub(crate) fn remove(mut self, hashes: &[u64], medium: Option<&str>) -> Self {
         let mut e = Vec::new();
         enc::write_map_len(&mut e, 3).unwrap();

@@ -28,6 +28,24 @@ pub(super) struct Model {
     pub(super) workers: u32,
 }
 
+impl Model {
+    /// A freed model slot (its id waits in `Index::free_models`).
+    pub(super) fn vacant() -> Model {
+        Model { name: String::new(), block_size: None, members: Vec::new(), workers: 0 }
+    }
+
+    /// Whether none of the model's workers holds anything: then the block
+    /// size may be learned anew (nothing indexed depends on it).
+    pub(super) fn holds_nothing(&self, workers: &[Option<Worker>]) -> bool {
+        let mut slots = self
+            .members
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &bits)| (0..64).filter(move |b| bits >> b & 1 == 1).map(move |b| w * 64 + b));
+        slots.all(|s| workers[s].as_ref().is_none_or(|w| w.held == 0))
+    }
+}
+
 impl Index {
     // ---------------------------------------------------------------- workers
 
@@ -86,6 +104,13 @@ impl Index {
         let model = &mut self.models[w.model as usize];
         bit_set(&mut model.members, slot, false);
         model.workers -= 1;
+        if model.workers == 0 {
+            // Forget the model with its last worker: a redeploy may use
+            // another block size, and models must not pile up forever.
+            self.model_by_name.remove(&model.name);
+            *model = Model::vacant();
+            self.free_models.push(w.model);
+        }
         self.free_workers.push(slot);
         self.epoch += 1;
         true
@@ -165,8 +190,14 @@ impl Index {
         if let Some(&m) = self.model_by_name.get(name) {
             return m;
         }
-        let m = self.models.len() as u32;
-        self.models.push(Model { name: name.to_owned(), block_size: None, members: Vec::new(), workers: 0 });
+        let model = Model { name: name.to_owned(), block_size: None, members: Vec::new(), workers: 0 };
+        let m = if let Some(m) = self.free_models.pop() {
+            self.models[m as usize] = model;
+            m
+        } else {
+            self.models.push(model);
+            (self.models.len() - 1) as u32
+        };
         self.model_by_name.insert(name.to_owned(), m);
         m
     }
@@ -207,6 +238,92 @@ mod tests {
         assert_eq!(ix.stats().holdings, 1);
         assert!(matches!(ix.add_worker("c", "other"), Err(IndexError::ModelMismatch { .. })));
         assert!(matches!(ix.apply("zz", &[0x90], None), Err(IndexError::UnknownWorker(_))));
+        ix.check_invariants().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod block_size_tests {
+    use super::super::testutil::*;
+    use crate::index::{Index, Query};
+
+    fn store(ix: &mut Index, w: &str, hash: u64, tokens: &[u32], bs: Option<u64>) -> crate::index::ApplyStats {
+        let mut b = B::default().store(&[hash], None, tokens, None);
+        if let Some(bs) = bs {
+            b = b.block_size(bs);
+        }
+        ix.apply(w, &b.build(), None).unwrap()
+    }
+
+    #[test]
+    fn a_redeploy_with_another_block_size_is_indexed() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        store(&mut ix, "a", 1, &[1, 2], None);
+        assert_eq!(ix.block_size("m"), Some(2));
+        assert!(ix.remove_worker("a"));
+        assert_eq!((ix.block_size("m"), ix.stats().models), (None, 0));
+        ix.add_worker("b", "m").unwrap();
+        let st = store(&mut ix, "b", 1, &[1, 2, 3, 4], Some(4));
+        assert_eq!((st.stored, st.ignored), (1, 0));
+        assert_eq!(ix.block_size("m"), Some(4));
+        assert_eq!(depth(&ix, &[1, 2, 3, 4], "b"), 1);
+        ix.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn removed_models_are_freed_and_their_ids_reused() {
+        let mut ix = Index::default();
+        ix.add_worker("w", "keep").unwrap();
+        for i in 0..1000 {
+            let model = format!("model-{i}");
+            ix.add_worker("x", &model).unwrap();
+            assert!(ix.remove_worker("x"));
+        }
+        assert_eq!(ix.stats().models, 1);
+        // one model slot for "keep", one reused by all the others
+        assert_eq!(ix.models.len(), 2);
+        assert_eq!(ix.workers(), vec![("w", "keep")]);
+        ix.check_invariants().unwrap();
+        // a snapshot of it loads with the same models
+        let mut buf = Vec::new();
+        ix.save(&mut buf).unwrap();
+        let back = Index::load(&mut buf.as_slice()).unwrap();
+        back.check_invariants().unwrap();
+        assert_eq!(back.workers(), vec![("w", "keep")]);
+    }
+
+    #[test]
+    fn block_size_zero_is_refused_and_never_learned() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        let st = store(&mut ix, "a", 1, &[1, 2], Some(0));
+        assert_eq!((st.stored, st.ignored, st.block_size_mismatch, st.skipped), (0, 1, 1, 1));
+        assert_eq!(ix.block_size("m"), None);
+        let st = store(&mut ix, "a", 1, &[1, 2], Some(2));
+        assert_eq!((st.stored, st.ignored), (1, 0));
+        assert_eq!(ix.worker_stats("a").unwrap().counters.block_size_mismatch, 1);
+        assert_eq!(depth(&ix, &[1, 2], "a"), 1);
+    }
+
+    #[test]
+    fn a_mismatch_is_counted_while_blocks_are_held_and_relearned_after() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        ix.add_worker("b", "m").unwrap();
+        store(&mut ix, "a", 1, &[1, 2], None);
+        let st = store(&mut ix, "b", 7, &[1, 2, 3, 4], Some(4));
+        assert_eq!((st.stored, st.ignored, st.block_size_mismatch), (0, 1, 1));
+        let c = ix.worker_stats("b").unwrap().counters;
+        assert_eq!((c.block_size_mismatch, c.skipped), (1, 1));
+        assert_eq!(ix.block_size("m"), Some(2));
+        // Once nothing is held, the model may learn another block size.
+        ix.apply("a", &B::default().clear().build(), None).unwrap();
+        let st = store(&mut ix, "b", 7, &[1, 2, 3, 4], Some(4));
+        assert_eq!((st.stored, st.block_size_mismatch), (1, 0));
+        assert_eq!(ix.block_size("m"), Some(4));
+        let q = Query::new("m", &[1, 2, 3, 4]);
+        assert_eq!(ix.match_prefix(&q), vec![("a", 0), ("b", 1)]);
         ix.check_invariants().unwrap();
     }
 }
