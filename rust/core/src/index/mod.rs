@@ -58,10 +58,11 @@
 //! - `apply`: applying decoded event batches;
 //! - `query`: prefix matching;
 //! - `stats`, `check`: sizes and invariant checks;
-//! - `snapshot`: the binary snapshot format.
+//! - `snapshot`: the binary snapshot format; `files`: atomic snapshot files.
 
 mod apply;
 mod check;
+mod files;
 mod holdings;
 mod lru;
 mod query;
