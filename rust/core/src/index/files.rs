@@ -179,7 +179,7 @@ mod tests {
         std::fs::write(&junk, b"not a snapshot at all, really").unwrap();
         match Index::load_from_path(&junk) {
             Err(IndexError::Snapshot(m)) => {
-                assert!(m.starts_with(&junk.display().to_string()) && m.contains("bad magic"), "{m}")
+                assert!(m.starts_with(&junk.display().to_string()) && m.contains("bad magic"), "{m}");
             }
             r => panic!("{:?}", r.map(|_| ())),
         }
