@@ -1,7 +1,6 @@
 //! Sizes of the index: counts and memory accounting from capacities.
 
 use super::{
-    ekey, mix,
     workers::{Model, Worker},
     Index, Stats,
 };
@@ -44,16 +43,5 @@ impl Index {
             n += 2 * m.name.capacity() + m.members.capacity() * 8;
         }
         n
-    }
-
-    /// Release spare capacity (after a large purge, or after loading).
-    pub fn shrink_to_fit(&mut self) {
-        let blocks = &self.blocks;
-        self.by_key.shrink_to(0, |&s| blocks[s as usize].key());
-        for w in self.workers.iter_mut().flatten() {
-            w.emap.shrink_to(0, |e| mix(ekey(e)));
-        }
-        // The slab keeps its free list; trailing free slots cannot be cut
-        // without renumbering, which the free list makes unnecessary.
     }
 }

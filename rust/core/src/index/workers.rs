@@ -128,10 +128,6 @@ impl Index {
         Ok(())
     }
 
-    pub fn has_worker(&self, id: &str) -> bool {
-        self.by_id.contains_key(id)
-    }
-
     /// Registered worker ids with their models, in registration-slot order.
     pub fn workers(&self) -> Vec<(&str, &str)> {
         self.workers.iter().flatten().map(|w| (w.id.as_str(), self.models[w.model as usize].name.as_str())).collect()
