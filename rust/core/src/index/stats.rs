@@ -45,3 +45,40 @@ impl Index {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::index::Index;
+
+    /// Adding workers, filling them with shared and private blocks and
+    /// removing them again must not leave memory behind: after the first
+    /// cycle (which sizes the tables), each cycle ends where it began.
+    #[test]
+    fn memory_returns_to_baseline_after_workers_are_removed() {
+        let mut ix = Index::default();
+        let cycle = |ix: &mut Index| {
+            for w in 0..40u32 {
+                let id = format!("w{w}");
+                ix.add_worker(&id, "m").unwrap();
+                // blocks 0..20 are shared by everyone (pool sets), one is private
+                let toks: Vec<u32> = (0..40).collect();
+                let hashes: Vec<u64> = (1..=20).collect();
+                ix.apply(&id, &B::default().store(&hashes, None, &toks, None).build(), None).unwrap();
+                ix.apply(&id, &B::default().store(&[99], None, &[1000 + w, 0], None).build(), None).unwrap();
+            }
+            assert_eq!(ix.stats().holdings, 40 * 21);
+            for w in 0..40 {
+                assert!(ix.remove_worker(&format!("w{w}")));
+            }
+            let s = ix.stats();
+            assert_eq!((s.workers, s.models, s.blocks, s.holdings, s.engine_hashes), (0, 0, 0, 0, 0));
+            ix.check_invariants().unwrap();
+            s.memory_bytes
+        };
+        let baseline = cycle(&mut ix);
+        for _ in 0..4 {
+            assert_eq!(cycle(&mut ix), baseline);
+        }
+    }
+}

@@ -323,3 +323,76 @@ mod block_size_tests {
         ix.check_invariants().unwrap();
     }
 }
+
+#[cfg(test)]
+mod slot_tests {
+    use super::super::testutil::*;
+    use crate::index::{Index, Query};
+    use crate::prefix::Tier;
+
+    #[test]
+    fn removing_a_worker_in_a_later_slot_then_matching() {
+        let mut ix = Index::default();
+        for w in ["a", "b", "c"] {
+            ix.add_worker(w, "m").unwrap();
+            ix.apply(w, &B::default().store(&[1, 2], None, &[1, 1, 2, 2], None).build(), None).unwrap();
+        }
+        ix.apply("c", &B::default().store(&[3], Some(2), &[3, 3], Some("CPU")).build(), None).unwrap();
+        let toks = [1, 1, 2, 2, 3, 3];
+        assert!(ix.remove_worker("c"));
+        assert_eq!(ix.match_prefix(&Query::new("m", &toks)), vec![("a", 2), ("b", 2)]);
+        assert!(ix.remove_worker("b"));
+        assert_eq!(ix.match_prefix(&Query::new("m", &toks)), vec![("a", 2)]);
+        let cpu = Query { tiers: Tier::Cpu.bit(), ..Query::new("m", &toks) };
+        assert_eq!(ix.match_prefix(&cpu), vec![("a", 0)]);
+        // New workers reuse slots 1 and 2 (last freed first) and inherit
+        // nothing.
+        ix.add_worker("d", "m").unwrap();
+        ix.add_worker("e", "m").unwrap();
+        assert_eq!(ix.match_prefix(&Query::new("m", &toks)), vec![("a", 2), ("d", 0), ("e", 0)]);
+        assert!(ix.remove_worker("a"));
+        assert_eq!(ix.match_prefix(&Query::new("m", &toks)), vec![("d", 0), ("e", 0)]);
+        let mut tiers = Vec::new();
+        ix.match_tiers(&Query::new("m", &toks), &mut tiers);
+        assert_eq!(tiers, vec![(1, [0; 4]), (2, [0; 4])]);
+        assert_eq!(ix.stats().holdings, 0);
+        ix.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn matching_with_more_than_4096_workers() {
+        let n = 4200u32;
+        let mut ix = Index::default();
+        for i in 0..n {
+            ix.add_worker(&format!("w{i}"), "m").unwrap();
+        }
+        // One block held by a few workers (a sorted vector, slots on both
+        // sides of 4096), one by every other worker (bitmaps) and one by a
+        // single worker past 4096 (inline).
+        let few = [3u32, 4095, 4096, 4150, 4199];
+        for &i in &few {
+            ix.apply(&format!("w{i}"), &B::default().store(&[1], None, &[7, 7], None).build(), None).unwrap();
+        }
+        for i in (0..n).step_by(2) {
+            let w = format!("w{i}");
+            ix.apply(&w, &B::default().store(&[10, 11], None, &[9, 9, 8, 8], None).build(), None).unwrap();
+        }
+        ix.apply("w4101", &B::default().store(&[5], None, &[6, 6], None).build(), None).unwrap();
+        let mut out = Vec::new();
+        let depths = |ix: &Index, toks: &[u32], out: &mut Vec<(u32, u32)>| {
+            ix.match_slots(&Query::new("m", toks), out);
+            assert_eq!(out.len(), n as usize);
+            assert!(out.iter().enumerate().all(|(i, (s, _))| *s == i as u32));
+            out.iter().map(|(_, d)| *d).collect::<Vec<u32>>()
+        };
+        let d = depths(&ix, &[9, 9, 8, 8], &mut out);
+        assert!(d.iter().enumerate().all(|(s, &d)| d == if s % 2 == 0 { 2 } else { 0 }));
+        let d = depths(&ix, &[7, 7], &mut out);
+        let held: Vec<u32> = (0..n).filter(|&s| d[s as usize] == 1).collect();
+        assert_eq!(held, few);
+        let d = depths(&ix, &[6, 6, 1, 1], &mut out);
+        let held: Vec<u32> = (0..n).filter(|&s| d[s as usize] != 0).collect();
+        assert_eq!(held, vec![4101]);
+        ix.check_invariants().unwrap();
+    }
+}
