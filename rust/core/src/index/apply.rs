@@ -145,9 +145,10 @@ impl Index {
         }
         match self.models[model].block_size {
             Some(m) if u64::from(m) == bs => {}
-            // A model that holds nothing may be redeployed with another
-            // block size: nothing indexed depends on the old one.
-            Some(_) if !self.models[model].holds_nothing(&self.workers) => {
+            // A model whose workers hold and name nothing (all cleared or
+            // just added) may learn another block size: nothing indexed
+            // depends on the old one. (This worker's map is out in `emap`.)
+            Some(_) if !(emap.is_empty() && self.models[model].indexes_nothing(&self.workers)) => {
                 st.ignored += n as u64;
                 st.block_size_mismatch += n as u64;
                 return;

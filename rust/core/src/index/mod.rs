@@ -108,7 +108,7 @@ pub struct WorkerCounters {
     pub unknown_events: u64,
     pub purges: u64,
     /// Stored blocks ignored because the event's block size was 0 or
-    /// disagreed with the block size the model's held blocks use (also
+    /// disagreed with the model's while the model had blocks indexed (also
     /// counted in `skipped`).
     pub block_size_mismatch: u64,
 }
@@ -134,7 +134,8 @@ pub struct ApplyStats {
     /// Events of a type this version does not know.
     pub unknown_events: u64,
     /// Stored blocks (part of `ignored`) whose event gave block size 0 or
-    /// one that disagrees with the model's while the model holds blocks.
+    /// one that disagrees with the model's while the model's workers hold
+    /// or name blocks (a model with nothing indexed learns the new size).
     pub block_size_mismatch: u64,
 }
 

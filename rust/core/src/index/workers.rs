@@ -34,15 +34,18 @@ impl Model {
         Model { name: String::new(), block_size: None, members: Vec::new(), workers: 0 }
     }
 
-    /// Whether none of the model's workers holds anything: then the block
-    /// size may be learned anew (nothing indexed depends on it).
-    pub(super) fn holds_nothing(&self, workers: &[Option<Worker>]) -> bool {
+    /// Whether none of the model's workers holds a block or names one by
+    /// an engine hash: then the block size may be learned anew (nothing
+    /// indexed depends on it). Engine hashes count too, so blocks evicted
+    /// for capacity (still named, so still in the engine's cache) keep
+    /// one stray event from changing the block size.
+    pub(super) fn indexes_nothing(&self, workers: &[Option<Worker>]) -> bool {
         let mut slots = self
             .members
             .iter()
             .enumerate()
             .flat_map(|(w, &bits)| (0..64).filter(move |b| bits >> b & 1 == 1).map(move |b| w * 64 + b));
-        slots.all(|s| workers[s].as_ref().is_none_or(|w| w.held == 0))
+        slots.all(|s| workers[s].as_ref().is_none_or(|w| w.held == 0 && w.emap.is_empty()))
     }
 }
 
@@ -300,6 +303,21 @@ mod block_size_tests {
         assert_eq!((st.stored, st.ignored), (1, 0));
         assert_eq!(ix.worker_stats("a").unwrap().counters.block_size_mismatch, 1);
         assert_eq!(depth(&ix, &[1, 2], "a"), 1);
+    }
+
+    #[test]
+    fn blocks_evicted_for_capacity_still_pin_the_block_size() {
+        let mut ix = Index::new(Some(1)).unwrap();
+        ix.add_worker("a", "m").unwrap();
+        ix.add_worker("x", "other").unwrap();
+        store(&mut ix, "a", 1, &[1, 2], None);
+        store(&mut ix, "x", 1, &[5, 5], None);
+        // a's block was evicted, but its engine hash still names it
+        assert_eq!((ix.stats().evictions, ix.worker_stats("a").unwrap().blocks), (1, 0));
+        let st = store(&mut ix, "a", 2, &[1, 2, 3, 4], Some(4));
+        assert_eq!((st.stored, st.block_size_mismatch), (0, 1));
+        assert_eq!(ix.block_size("m"), Some(2));
+        ix.check_invariants().unwrap();
     }
 
     #[test]
