@@ -157,12 +157,12 @@ class ModelIndex:
             st.ignored += n
             return
         known = self.block_size.get(w.model)
-        if known is not None and known != bs:
-            # the block size may change only while the model's workers hold
-            # and name nothing
-            if any(o.hold or o.emap for o in self.workers.values() if o.model == w.model):
-                st.ignored += n
-                return
+        # the block size may change only while the model's workers hold and
+        # name nothing
+        busy = any(o.hold or o.emap for o in self.workers.values() if o.model == w.model)
+        if known is not None and known != bs and busy:
+            st.ignored += n
+            return
         self.block_size[w.model] = bs
         parent = ev.get("parent_block_hash")
         lora_name = ev.get("lora_name")
