@@ -165,6 +165,7 @@ impl Index {
         // the LRU order survives.
         let mut by_block: Vec<Vec<(u32, u8)>> = vec![Vec::new(); slots.len()];
         let mut named = vec![false; slots.len()];
+        let mut named_list = Vec::new();
         for _ in 0..nworkers {
             let id = r.string()?;
             let m = r.u32()? as usize;
@@ -187,7 +188,11 @@ impl Index {
             }
             let ne = r.u32()?;
             let mut emap = std::mem::take(&mut ix.worker_mut(ws).emap);
-            named.fill(false);
+            // Reset only what the previous worker marked: O(size), not
+            // O(workers x blocks).
+            for o in named_list.drain(..) {
+                named[o] = false;
+            }
             for _ in 0..ne {
                 let ek = r.u64()?;
                 let o = r.u32()? as usize;
@@ -199,6 +204,7 @@ impl Index {
                 }
                 ix.emap_set(&mut emap, ek, slot);
                 named[o] = true;
+                named_list.push(o);
             }
             ix.worker_mut(ws).emap = emap;
             let nh = r.u32()?;
