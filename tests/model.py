@@ -91,7 +91,14 @@ class ModelIndex:
             self.models.add(model)
 
     def remove_worker(self, wid: str) -> bool:
-        return self.workers.pop(wid, None) is not None
+        w = self.workers.pop(wid, None)
+        if w is None:
+            return False
+        if not any(o.model == w.model for o in self.workers.values()):
+            # the model is forgotten with its last worker (and its block size)
+            self.models.discard(w.model)
+            self.block_size.pop(w.model, None)
+        return True
 
     def apply(self, wid: str, events: list[dict[str, Any]]) -> Stats:
         st = Stats()
@@ -141,13 +148,22 @@ class ModelIndex:
                 else:
                     st.orphaned += 1
             return
+        if ev.get("block_size") == 0:
+            # an explicit block size 0 is refused, never learned
+            st.ignored += n
+            return
         bs = ev.get("block_size") or len(tokens) // n
         if bs == 0 or bs * n != len(tokens):
             st.ignored += n
             return
-        if self.block_size.setdefault(w.model, bs) != bs:
+        known = self.block_size.get(w.model)
+        # the block size may change only while the model's workers hold and
+        # name nothing
+        busy = any(o.hold or o.emap for o in self.workers.values() if o.model == w.model)
+        if known is not None and known != bs and busy:
             st.ignored += n
             return
+        self.block_size[w.model] = bs
         parent = ev.get("parent_block_hash")
         lora_name = ev.get("lora_name")
         if parent is not None:

@@ -102,9 +102,9 @@ pub enum IndexError {
     #[error("snapshot: {0}")]
     Snapshot(String),
     /// A file operation failed (saving or reading a snapshot); `path` names
-    /// the file.
+    /// the file, `errno` is the OS error code when there is one.
     #[error("{path}: {message}")]
-    Io { path: String, message: String },
+    Io { path: String, message: String, errno: Option<i32> },
     /// The worker's stream is followed (by an `EventManager`): it cannot be
     /// removed or purged behind the stream's back.
     #[error("worker {0:?} is followed by an event stream; remove it through the stream (EventManager.remove_pod)")]

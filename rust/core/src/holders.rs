@@ -383,4 +383,97 @@ mod tests {
             }
         }
     }
+
+    /// Which representation a handle uses.
+    fn kind(pool: &Pool, h: u32) -> &'static str {
+        if h == 0 {
+            "empty"
+        } else if h & POOL_BIT == 0 {
+            "inline"
+        } else {
+            match pool.sets[(h & !POOL_BIT) as usize] {
+                Set::Sparse(_) => "sparse",
+                Set::Dense { .. } => "dense",
+            }
+        }
+    }
+
+    fn agrees(pool: &Pool, h: u32, model: &BTreeMap<u32, u8>) {
+        assert_eq!(pool.len(h) as usize, model.len());
+        let mut seen = BTreeMap::new();
+        pool.for_each(h, |s, t| {
+            seen.insert(s, t);
+        });
+        assert_eq!(&seen, model);
+        for s in 0..200 {
+            assert_eq!(pool.get(h, s), model.get(&s).copied().unwrap_or(0), "slot {s}");
+        }
+        let mut alive = vec![u64::MAX; 4];
+        pool.intersect(h, 2, &mut alive);
+        for s in 0..256u32 {
+            let want = model.get(&s).is_some_and(|t| t & 2 != 0);
+            assert_eq!(alive[(s / 64) as usize] >> (s % 64) & 1 == 1, want, "slot {s}");
+        }
+    }
+
+    #[test]
+    fn representation_switches_both_ways() {
+        let mut pool = Pool::default();
+        let mut h = 0;
+        let mut model = BTreeMap::new();
+        let mut kinds = Vec::new();
+        // Grow: one holder inline, a few in a sorted vector, many in bitmaps.
+        for s in 0..128u32 {
+            let t = (s % 7 + 1) as u8;
+            pool.set(&mut h, s, t);
+            model.insert(s, t);
+            agrees(&pool, h, &model);
+            if kinds.last() != Some(&kind(&pool, h)) {
+                kinds.push(kind(&pool, h));
+            }
+        }
+        assert_eq!(kinds, ["inline", "sparse", "dense"]);
+        assert!(pool.heap_bytes > 0);
+        // Shrink back: bitmaps, then a vector, then one inline, then nothing.
+        for s in 0..128u32 {
+            pool.set(&mut h, s, 0);
+            model.remove(&s);
+            agrees(&pool, h, &model);
+            if kinds.last() != Some(&kind(&pool, h)) {
+                kinds.push(kind(&pool, h));
+            }
+        }
+        assert_eq!(kinds, ["inline", "sparse", "dense", "sparse", "inline", "empty"]);
+        assert_eq!(h, 0);
+        // Every heap byte is given back, and the set's slot is reused.
+        assert_eq!(pool.heap_bytes, 0);
+        assert_eq!(pool.free.len(), pool.sets.len());
+    }
+
+    #[test]
+    fn memory_returns_to_baseline_after_each_cycle() {
+        let mut pool = Pool::default();
+        let mut handles = vec![0u32; 50];
+        let cycle = |pool: &mut Pool, handles: &mut Vec<u32>| {
+            for (i, h) in handles.iter_mut().enumerate() {
+                // a mix of sparse and dense sets
+                for s in 0..(i as u32 * 3 + 2) {
+                    pool.set(h, s, 1);
+                }
+            }
+            assert!(pool.heap_bytes > 0);
+            for (i, h) in handles.iter_mut().enumerate() {
+                for s in 0..(i as u32 * 3 + 2) {
+                    pool.set(h, s, 0);
+                }
+                assert_eq!(*h, 0);
+            }
+            assert_eq!(pool.heap_bytes, 0);
+            pool.memory_bytes()
+        };
+        let baseline = cycle(&mut pool, &mut handles);
+        for _ in 0..5 {
+            assert_eq!(cycle(&mut pool, &mut handles), baseline);
+        }
+    }
 }

@@ -84,18 +84,6 @@ pub fn block_key(parent: u64, tokens: &[u32], extras: &[Value<'_>]) -> u64 {
     h.digest()
 }
 
-/// Keys of consecutive full blocks, chained from `root`.
-pub fn chain_keys(root: u64, tokens: &[u32], block_size: usize, out: &mut Vec<u64>) {
-    let mut prev = root;
-    if block_size == 0 {
-        return;
-    }
-    for chunk in tokens.chunks_exact(block_size) {
-        prev = xxh3_64_with_seed(&token_bytes(chunk), prev);
-        out.push(prev);
-    }
-}
-
 /// Canonical, unambiguous serialization of a value into the hasher: the same
 /// logical value gives the same bytes whatever msgpack encoding carried it
 /// (fixint vs int64, map16 vs fixmap), and Python's str/int/bytes/tuple/list
@@ -174,8 +162,6 @@ pub enum Tier {
 }
 
 impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Storage];
-
     /// SPEC: GPU (also nil), CPU (CPU, `CPU_PINNED`), STORAGE (everything else).
     pub fn of_medium(medium: Option<&str>) -> Tier {
         match medium {
@@ -203,19 +189,29 @@ impl Tier {
 mod tests {
     use super::*;
 
+    // Pinned values: changing the key scheme invalidates every snapshot.
+    // They were computed outside this crate, in Python with the `xxhash`
+    // package (xxhash.xxh3_64(data, seed=...).intdigest()) from the formula
+    // in this module's doc: namespace = xxh3_64(len(model) as u64 LE ||
+    // model || 0 (base) / 1 || name / 2 || id as i64 LE, seed 0x6b7673796e630001);
+    // block key = xxh3_64(tokens as u32 LE [|| 0xfe || count as u64 LE ||
+    // canonical extras], seed = parent key), a str extra being
+    // 4 || len as u64 LE || bytes and an int 2 || i128 LE (16 bytes).
+
     #[test]
-    fn keys_are_stable_across_processes() {
-        // Pinned values: changing the scheme invalidates every snapshot.
+    fn namespaces_are_pinned() {
+        assert_eq!(namespace("llama", Lora::Base), 0x9823_8f1c_4001_47d3);
+        assert_eq!(namespace("llama", Lora::Name("a")), 0x5090_245e_457c_cc1d);
+        assert_eq!(namespace("llama", Lora::Id(7)), 0xaaf1_ca72_231a_dbb2);
+    }
+
+    #[test]
+    fn block_keys_are_pinned() {
         let ns = namespace("llama", Lora::Base);
-        assert_eq!(ns, namespace("llama", Lora::Base));
-        assert_ne!(ns, namespace("llama", Lora::Name("a")));
-        assert_ne!(namespace("llama", Lora::Id(1)), namespace("llama", Lora::Name("1")));
-        let k = block_key(ns, &[1, 2, 3, 4], &[]);
-        let mut chain = Vec::new();
-        chain_keys(ns, &[1, 2, 3, 4, 5, 6, 7, 8, 9], 4, &mut chain);
-        assert_eq!(chain.len(), 2);
-        assert_eq!(chain[0], k);
-        assert_eq!(chain[1], block_key(k, &[5, 6, 7, 8], &[]));
+        let k0 = block_key(ns, &[1, 2, 3, 4], &[]);
+        assert_eq!(k0, 0x046b_19f4_1aee_050f);
+        assert_eq!(block_key(k0, &[5, 6, 7, 8], &[]), 0xb65f_0ece_e2e2_db0a);
+        assert_eq!(block_key(ns, &[1, 2], &[Value::Str("salt"), Value::Int(5)]), 0x3b47_3495_9cd6_34ff);
     }
 
     #[test]
@@ -224,18 +220,25 @@ mod tests {
         let plain = block_key(ns, &[1, 2], &[]);
         let salted = block_key(ns, &[1, 2], &[Value::Str("salt")]);
         assert_ne!(plain, salted);
-        // int width on the wire does not matter: both are Value::Int(5)
-        assert_eq!(block_key(ns, &[1], &[Value::Int(5)]), block_key(ns, &[1], &[Value::Int(5)]));
+        // a str and an int that print alike are different extra keys
         assert_ne!(block_key(ns, &[1], &[Value::Str("5")]), block_key(ns, &[1], &[Value::Int(5)]));
+        assert_ne!(namespace("llama", Lora::Id(1)), namespace("llama", Lora::Name("1")));
     }
 
     #[test]
-    fn engine_keys_separate_groups() {
-        let h = EngineHash::Unsigned(42);
-        assert_eq!(engine_key(h, 0), 42);
-        assert_ne!(engine_key(h, 1), engine_key(h, 2));
-        assert_ne!(engine_key(h, 1), 42);
+    fn engine_keys_are_pinned_and_separate_groups() {
+        // Integers keep their 64-bit pattern, above 2^32 too.
+        assert_eq!(engine_key(EngineHash::Unsigned(42), 0), 42);
+        assert_eq!(engine_key(EngineHash::Unsigned(1 << 40), 0), 1 << 40);
         assert_eq!(engine_key(EngineHash::Negative(-1), 0), u64::MAX);
+        assert_eq!(engine_key(EngineHash::Negative(-2), 0), u64::MAX - 1);
+        // group g: base ^ rotl(g * 0x9e3779b97f4a7c15, 17) ^ 0x9e3779b97f4a7c15
+        assert_eq!(engine_key(EngineHash::Unsigned(42), 1), 0x6d45_872d_8761_4051);
+        assert_eq!(engine_key(EngineHash::Unsigned((1 << 40) + 3), 3), 0x446f_8307_9735_c95a);
+        // bytes: xxh3_64(bytes, seed 0x6b7673796e6300b1)
+        assert_eq!(engine_key(EngineHash::Bytes(&[1, 2, 3]), 0), 0x55af_40de_d971_b958);
+        let h = EngineHash::Unsigned(42);
+        assert_ne!(engine_key(h, 1), engine_key(h, 2));
     }
 
     #[test]

@@ -6,8 +6,6 @@
 //! themselves are defined in `errors.py` (each has two bases, see there).
 
 use std::ffi::CString;
-use std::io;
-use std::path::Path;
 
 use kvsync_core::{DecodeError as CoreDecodeError, IndexError};
 use pyo3::call::PyCallArgs;
@@ -91,8 +89,6 @@ pub(crate) fn add_to_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub(crate) enum Error {
     /// From the core (decode, unknown worker, snapshot, ...).
     Core(IndexError),
-    /// A snapshot file could not be written or read.
-    File { path: String, action: &'static str, source: io::Error },
     /// `Index.check` found a broken invariant.
     Invariant(String),
     /// Already a Python exception (argument conversion).
@@ -105,10 +101,6 @@ impl Error {
     /// An argument that is out of range: `InvalidArgumentError`.
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Error::Core(IndexError::Invalid(message.into()))
-    }
-
-    pub(crate) fn file(path: &Path, action: &'static str, source: io::Error) -> Self {
-        Error::File { path: path.display().to_string(), action, source }
     }
 }
 
@@ -145,9 +137,6 @@ impl Error {
         match self {
             Error::Python(e) => e,
             Error::Invariant(m) => raise(c.invariant.bind(py), (format!("index invariant broken: {m}"),)),
-            Error::File { path, action, source } => {
-                raise(c.file.bind(py), (source.raw_os_error(), format!("cannot {action}: {source}"), path))
-            }
             Error::Core(core) => match core {
                 IndexError::Decode(d) => {
                     raise(c.decode.bind(py), (d.to_string(), d.reason, d.event, d.field, d.offset, d.payload))
@@ -161,7 +150,7 @@ impl Error {
                     raise(c.invalid_argument.bind(py), (core.to_string(),))
                 }
                 IndexError::Snapshot(_) => raise(c.snapshot.bind(py), (core.to_string(),)),
-                IndexError::Io { path, message } => raise(c.file.bind(py), (py.None(), message, path)),
+                IndexError::Io { path, message, errno } => raise(c.file.bind(py), (errno, message, path)),
                 IndexError::Followed(_) => raise(c.worker_busy.bind(py), (core.to_string(),)),
                 IndexError::AlreadyFollowed(_) => raise(c.already_followed.bind(py), (core.to_string(),)),
             },

@@ -6,8 +6,6 @@
 //! values, releases the lock, and only then builds Python objects (see
 //! `lock.rs` for why).
 
-use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -107,22 +105,16 @@ impl Index {
         Index { inner: DetachedRwLock::new(ix), names: DetachedMutex::new(Arc::new(Names::empty())) }
     }
 
-    /// Match `args` once per mask under one read lock (so the answers are
-    /// of one moment), with the names of the workers at that moment.
-    fn find<const N: usize>(
+    /// Run a query under one read lock (so the answer is of one moment),
+    /// with the names of the workers at that moment.
+    fn find<T: Send>(
         &self,
         py: Python<'_>,
-        model: &str,
-        args: &QueryArgs,
-        masks: [u8; N],
-    ) -> PyResult<([Found; N], Arc<Names>)> {
+        query: impl Send + FnOnce(&kvsync_core::Index) -> T,
+    ) -> PyResult<(T, Arc<Names>)> {
         let cached = self.names.lock(py).clone();
         let (found, fresh) = self.inner.with_read(py, |ix| {
-            let found = masks.map(|mask| {
-                let mut out = Vec::new();
-                args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
-                out
-            });
+            let found = query(ix);
             let stale = cached.epoch != Some(ix.worker_epoch());
             (found, stale.then(|| WorkerList::of(ix)))
         });
@@ -170,34 +162,6 @@ impl Index {
             }
         }
         Ok(d)
-    }
-}
-
-/// A writer that keeps the first I/O error, so that a failed save reports
-/// the file's error (with its errno) rather than the core's generic one.
-struct KeepError<W> {
-    inner: W,
-    error: Option<io::Error>,
-}
-
-impl<W: Write> Write for KeepError<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf).inspect_err(|e| self.keep(e))
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush().inspect_err(|e| self.keep(e))
-    }
-}
-
-impl<W> KeepError<W> {
-    fn keep(&mut self, e: &io::Error) {
-        if self.error.is_none() {
-            self.error = Some(match e.raw_os_error() {
-                Some(code) => io::Error::from_raw_os_error(code),
-                None => io::Error::new(e.kind(), e.to_string()),
-            });
-        }
     }
 }
 
@@ -306,7 +270,11 @@ impl Index {
     ) -> Result<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
         let mask = tiers_of(tiers)?;
-        let ([found], names) = self.find(py, model, &args, [mask])?;
+        let (found, names) = self.find(py, |ix| {
+            let mut out = Vec::new();
+            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
+            out
+        })?;
         Ok(Index::answer(py, &names, model, &found)?)
     }
 
@@ -323,7 +291,12 @@ impl Index {
         extra_keys: Option<&Bound<'py, PyAny>>,
     ) -> Result<Bound<'py, PyDict>> {
         let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
-        let (found, names) = self.find(py, model, &args, DETAIL.map(|(_, tier)| tier.map_or(7, Tier::bit)))?;
+        // One walk answers every tier: [gpu, cpu, storage, any] per worker.
+        let (found, names) = self.find(py, |ix| {
+            let mut out = Vec::new();
+            args.with_query(model, 7, |q| ix.match_tiers(q, &mut out));
+            out
+        })?;
         let d = PyDict::new(py);
         let Some(template) = names.templates.get(model) else { return Ok(d) };
         for worker in template.bind(py).keys() {
@@ -333,13 +306,11 @@ impl Index {
             }
             d.set_item(worker, per_tier)?;
         }
-        for ((tier, _), found) in DETAIL.iter().zip(&found) {
-            for &(slot, n) in found {
-                let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
-                if n == 0 {
-                    continue;
-                }
-                if let Some(per_tier) = d.get_item(name.bind(py))? {
+        for (slot, depths) in found {
+            let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
+            let Some(per_tier) = d.get_item(name.bind(py))? else { continue };
+            for ((tier, _), n) in DETAIL.iter().zip(depths) {
+                if n != 0 {
                     per_tier.set_item(*tier, n)?;
                 }
             }
@@ -403,32 +374,14 @@ impl Index {
 
     /// Write a snapshot (holdings + last seq per worker) to `path`
     /// atomically (temp file + rename).
-    fn save(&self, py: Python<'_>, path: PathBuf) -> Result<()> {
-        detached(py, || {
-            let tmp = path.with_extension("tmp");
-            let failed = |e| Error::file(&path, "save index snapshot", e);
-            let file = File::create(&tmp).map_err(failed)?;
-            let mut w = KeepError { inner: BufWriter::new(file), error: None };
-            let saved = self.inner.read_detached().save(&mut w);
-            if let Err(e) = saved {
-                return Err(w.error.take().map_or_else(|| e.into(), failed));
-            }
-            w.flush().map_err(failed)?;
-            w.inner.get_ref().sync_all().map_err(failed)?;
-            std::fs::rename(&tmp, &path).map_err(failed)
-        })
+    fn save(&self, py: Python<'_>, path: PathBuf) -> Result<u64> {
+        Ok(self.inner.with_read(py, |ix| ix.save_to_path(&path))?)
     }
 
     /// Read a snapshot written by `save`.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> Result<Index> {
-        let file = File::open(&path).map_err(|e| Error::file(&path, "open index snapshot", e))?;
-        let ix = detached(py, || kvsync_core::Index::load(&mut BufReader::new(file)));
-        match ix {
-            Ok(ix) => Ok(Index::wrap(ix)),
-            Err(IndexError::Snapshot(m)) => Err(IndexError::Snapshot(format!("{}: {m}", path.display())).into()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(Index::wrap(detached(py, || kvsync_core::Index::load_from_path(&path))?))
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {

@@ -59,11 +59,6 @@ impl<T: Send + Sync> DetachedRwLock<T> {
         py.detach(|| f(&mut self.0.write()))
     }
 
-    /// Shared access for code that is already detached.
-    pub(crate) fn read_detached(&self) -> RwLockReadGuard<'_, T> {
-        self.0.read()
-    }
-
     /// Exclusive access for code that is already detached.
     pub(crate) fn write_detached(&self) -> RwLockWriteGuard<'_, T> {
         self.0.write()

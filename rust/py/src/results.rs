@@ -60,6 +60,9 @@ record! {
         ignored: u64,
         unknown_removals: u64,
         unknown_events: u64,
+        /// Stored blocks whose block size disagreed with the model's (also
+        /// counted in `ignored`).
+        block_size_mismatch: u64,
     }
 }
 
@@ -74,8 +77,19 @@ impl From<kvsync_core::ApplyStats> for ApplyStats {
             ignored,
             unknown_removals,
             unknown_events,
+            block_size_mismatch,
         } = s;
-        ApplyStats { stored, removed, cleared, skipped, orphaned, ignored, unknown_removals, unknown_events }
+        ApplyStats {
+            stored,
+            removed,
+            cleared,
+            skipped,
+            orphaned,
+            ignored,
+            unknown_removals,
+            unknown_events,
+            block_size_mismatch,
+        }
     }
 }
 
@@ -156,7 +170,18 @@ pub(crate) fn worker_stats_dict<'py>(py: Python<'py>, s: &kvsync_core::WorkerSta
     let counters = fields_dict!(
         py,
         s.counters,
-        [batches, stored, removed, cleared, skipped, orphaned, unknown_removals, unknown_events, purges]
+        [
+            batches,
+            stored,
+            removed,
+            cleared,
+            skipped,
+            orphaned,
+            unknown_removals,
+            unknown_events,
+            block_size_mismatch,
+            purges
+        ]
     );
     d.update(counters.as_mapping())?;
     Ok(d)

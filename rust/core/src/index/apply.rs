@@ -87,6 +87,7 @@ impl Index {
         w.counters.orphaned += st.orphaned;
         w.counters.unknown_removals += st.unknown_removals;
         w.counters.unknown_events += st.unknown_events;
+        w.counters.block_size_mismatch += st.block_size_mismatch;
         if let Some(seq) = seq {
             // The digest is the caller's to record (it has the payload).
             w.stream.set_position(Some(seq), 0);
@@ -135,10 +136,17 @@ impl Index {
             return;
         }
         // Block size: the event's, else inferred; must tile the tokens and
-        // agree with what the model's other events said.
+        // agree with the block size of the blocks the model holds.
         let bs = match s.block_size {
-            Some(b) if b > 0 => b,
-            _ => (tokens.len() / n) as u64,
+            Some(0) => {
+                // Never learn (or infer past) an explicit 0: the engine's
+                // configuration is broken, and the Python side logs it.
+                st.ignored += n as u64;
+                st.block_size_mismatch += n as u64;
+                return;
+            }
+            Some(b) => b,
+            None => (tokens.len() / n) as u64,
         };
         let model = self.worker(wslot).model as usize;
         if bs == 0 || bs > u64::from(u32::MAX) || bs as usize * n != tokens.len() {
@@ -146,12 +154,16 @@ impl Index {
             return;
         }
         match self.models[model].block_size {
-            Some(m) if u64::from(m) != bs => {
+            Some(m) if u64::from(m) == bs => {}
+            // A model whose workers hold and name nothing (all cleared or
+            // just added) may learn another block size: nothing indexed
+            // depends on the old one. (This worker's map is out in `emap`.)
+            Some(_) if !(emap.is_empty() && self.models[model].indexes_nothing(&self.workers)) => {
                 st.ignored += n as u64;
+                st.block_size_mismatch += n as u64;
                 return;
             }
-            Some(_) => {}
-            None => self.models[model].block_size = Some(bs as u32),
+            _ => self.models[model].block_size = Some(bs as u32),
         }
         let bs = bs as usize;
         let (mut prev, mut prev_slot) = match s.parent {

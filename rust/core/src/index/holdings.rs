@@ -108,3 +108,47 @@ impl Index {
         debug_assert_eq!(self.worker(wslot).held, 0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::index::{Index, Query};
+
+    /// Engine hashes are 64-bit (and may be negative ints or bytes): two
+    /// hashes equal in their low 32 bits must never alias.
+    #[test]
+    fn wide_negative_and_bytes_hashes_stay_distinct() {
+        let cases: [(H, H); 3] = [
+            (H::U((1 << 32) + 5), H::U(5)),
+            (H::N(-5), H::U(u64::from(u32::MAX - 4))), // -5 is 0xffff_ffff_ffff_fffb
+            (H::Bin(vec![1; 32]), H::Bin(vec![2; 32])),
+        ];
+        for (wide, narrow) in cases {
+            let mut ix = Index::default();
+            ix.add_worker("a", "m").unwrap();
+            let b = B::default()
+                .store_h(std::slice::from_ref(&wide), None, &[1, 1], None)
+                .store_h(std::slice::from_ref(&narrow), None, &[2, 2], None)
+                // children chained from each parent by hash
+                .store_h(&[H::U(100)], Some(&wide), &[3, 3], None)
+                .store_h(&[H::U(200)], Some(&narrow), &[4, 4], None);
+            let st = ix.apply("a", &b.build(), None).unwrap();
+            assert_eq!((st.stored, st.orphaned), (4, 0), "{wide:?}");
+            assert_eq!(depth(&ix, &[1, 1, 3, 3], "a"), 2, "{wide:?}");
+            assert_eq!(depth(&ix, &[2, 2, 4, 4], "a"), 2, "{wide:?}");
+            // A snapshot keeps all 64 bits of every engine hash.
+            let mut buf = Vec::new();
+            ix.save(&mut buf).unwrap();
+            let mut ix = Index::load(&mut buf.as_slice()).unwrap();
+            // Removing the narrow hash removes only its own block.
+            let st = ix.apply("a", &B::default().remove_h(std::slice::from_ref(&narrow), None).build(), None).unwrap();
+            assert_eq!((st.removed, st.unknown_removals), (1, 0), "{wide:?}");
+            assert_eq!(depth(&ix, &[1, 1, 3, 3], "a"), 2, "{wide:?}");
+            assert_eq!(depth(&ix, &[2, 2, 4, 4], "a"), 0, "{wide:?}");
+            let st = ix.apply("a", &B::default().remove_h(std::slice::from_ref(&wide), None).build(), None).unwrap();
+            assert_eq!(st.removed, 1, "{wide:?}");
+            assert_eq!(ix.match_prefix(&Query::new("m", &[1, 1]))[0].1, 0);
+            ix.check_invariants().unwrap();
+        }
+    }
+}

@@ -58,10 +58,11 @@
 //! - `apply`: applying decoded event batches;
 //! - `query`: prefix matching;
 //! - `stats`, `check`: sizes and invariant checks;
-//! - `snapshot`: the binary snapshot format.
+//! - `snapshot`: the binary snapshot format; `files`: atomic snapshot files.
 
 mod apply;
 mod check;
+mod files;
 mod holdings;
 mod lru;
 mod query;
@@ -101,6 +102,10 @@ pub struct WorkerCounters {
     pub unknown_removals: u64,
     pub unknown_events: u64,
     pub purges: u64,
+    /// Stored blocks ignored because the event's block size was 0 or
+    /// disagreed with the model's while the model had blocks indexed (also
+    /// counted in `skipped`).
+    pub block_size_mismatch: u64,
 }
 
 /// What one `apply` did, in block events (one per block hash).
@@ -123,6 +128,10 @@ pub struct ApplyStats {
     pub unknown_removals: u64,
     /// Events of a type this version does not know.
     pub unknown_events: u64,
+    /// Stored blocks (part of `ignored`) whose event gave block size 0 or
+    /// one that disagrees with the model's while the model's workers hold
+    /// or name blocks (a model with nothing indexed learns the new size).
+    pub block_size_mismatch: u64,
 }
 
 impl ApplyStats {
@@ -136,6 +145,7 @@ impl ApplyStats {
         self.ignored += o.ignored;
         self.unknown_removals += o.unknown_removals;
         self.unknown_events += o.unknown_events;
+        self.block_size_mismatch += o.block_size_mismatch;
     }
 }
 
@@ -211,6 +221,8 @@ pub struct Index {
     free_workers: Vec<u32>,
     by_id: HashMap<String, u32>,
     models: Vec<Model>,
+    /// Ids of forgotten models, reused before `models` grows.
+    free_models: Vec<u32>,
     model_by_name: HashMap<String, u32>,
 }
 
@@ -283,6 +295,7 @@ impl Index {
             free_workers: Vec::new(),
             by_id: HashMap::new(),
             models: Vec::new(),
+            free_models: Vec::new(),
             model_by_name: HashMap::new(),
         })
     }

@@ -97,6 +97,82 @@ impl Index {
         }
     }
 
+    /// For every worker of the query's model, in one walk: the leading
+    /// blocks it holds in the GPU, CPU and storage tiers and in any tier
+    /// (`[gpu, cpu, storage, any]`; the query's own `tiers` is ignored).
+    /// One walk under one borrow, so the four answers are consistent (gpu
+    /// never exceeds any). Registration-slot order, like
+    /// [`Index::match_slots`].
+    pub fn match_tiers(&self, q: &Query<'_, '_>, out: &mut Vec<(u32, [u32; 4])>) {
+        const MASKS: [u8; 4] = [1, 2, 4, 7];
+        out.clear();
+        let Some(&m) = self.model_by_name.get(q.model) else { return };
+        let model = &self.models[m as usize];
+        let words = model.members.len();
+        // Not the hot path (a diagnostic answer): plain vectors suffice.
+        let mut alive: [Vec<u64>; 4] = std::array::from_fn(|_| model.members.clone());
+        let mut before = vec![0u64; words];
+        let mut depth = vec![[0u32; 4]; words * 64];
+        let mut i = 0u32;
+        if let Some(bs) = model.block_size {
+            let bs = bs as usize;
+            let mut prev = namespace(&model.name, q.lora);
+            let mut hint = NIL;
+            for (b, toks) in q.tokens.chunks_exact(bs).enumerate() {
+                let extras: &[Value<'_>] = match q.extra_keys.and_then(|e| e.get(b)) {
+                    Some(Some(v)) => v,
+                    _ => &[],
+                };
+                prev = block_key(prev, toks, extras);
+                let slot = match self.blocks.get(hint as usize) {
+                    Some(blk) if blk.key() == prev && blk.refs != NIL => hint,
+                    _ => match self.find_block(prev) {
+                        Some(s) => s,
+                        None => break,
+                    },
+                };
+                hint = self.blocks[slot as usize].child;
+                let holders = self.blocks[slot as usize].holders;
+                let mut any = 0;
+                for (k, alive) in alive.iter_mut().enumerate() {
+                    before.copy_from_slice(alive);
+                    self.pool.intersect(holders, MASKS[k], alive);
+                    for (w, (&was, &now)) in before.iter().zip(alive.iter()).enumerate() {
+                        any |= now;
+                        let mut gone = was & !now;
+                        while gone != 0 {
+                            let bit = gone.trailing_zeros() as usize;
+                            gone &= gone - 1;
+                            depth[w * 64 + bit][k] = i;
+                        }
+                    }
+                }
+                i += 1;
+                if any == 0 {
+                    break;
+                }
+            }
+        }
+        for (k, alive) in alive.iter().enumerate() {
+            for (w, &a) in alive.iter().enumerate() {
+                let mut rest = a;
+                while rest != 0 {
+                    let bit = rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    depth[w * 64 + bit][k] = i;
+                }
+            }
+        }
+        for (w, &bits) in model.members.iter().enumerate() {
+            let mut rest = bits;
+            while rest != 0 {
+                let bit = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                out.push(((w * 64 + bit) as u32, depth[w * 64 + bit]));
+            }
+        }
+    }
+
     /// Prefix keys of a query's full blocks (for tools and tests).
     pub fn query_keys(&self, q: &Query<'_, '_>) -> Vec<u64> {
         let Some(bs) = self.block_size(q.model) else { return Vec::new() };
@@ -112,5 +188,57 @@ impl Index {
             out.push(prev);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::index::{Index, Query};
+
+    /// What match_detail used to do: one match_slots walk per mask.
+    fn per_mask(ix: &Index, tokens: &[u32]) -> Vec<(u32, [u32; 4])> {
+        let mut rows: Vec<(u32, [u32; 4])> = Vec::new();
+        for (k, mask) in [1u8, 2, 4, 7].into_iter().enumerate() {
+            let mut out = Vec::new();
+            ix.match_slots(&Query { tiers: mask, ..Query::new("m", tokens) }, &mut out);
+            if k == 0 {
+                rows = out.iter().map(|&(s, _)| (s, [0; 4])).collect();
+            }
+            for (row, (s, d)) in rows.iter_mut().zip(out) {
+                assert_eq!(row.0, s);
+                row.1[k] = d;
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn match_tiers_agrees_with_one_match_per_mask() {
+        let mut ix = Index::default();
+        for w in ["a", "b", "c", "d"] {
+            ix.add_worker(w, "m").unwrap();
+        }
+        let toks: Vec<u32> = (0..12).collect();
+        // a: 3 blocks in GPU, then blocks 1-2 also in CPU, block 3 dropped from GPU
+        ix.apply("a", &B::default().store(&[1, 2, 3], None, &toks[..6], None).build(), None).unwrap();
+        ix.apply("a", &B::default().store(&[1, 2], None, &toks[..4], Some("CPU")).build(), None).unwrap();
+        ix.apply("a", &B::default().remove(&[3], None).build(), None).unwrap();
+        // b: everything in storage, block 2 also in GPU
+        ix.apply("b", &B::default().store(&[1, 2, 3, 4], None, &toks[..8], Some("DISK")).build(), None).unwrap();
+        ix.apply("b", &B::default().store(&[2], Some(1), &toks[2..4], None).build(), None).unwrap();
+        // c: one GPU block; d: nothing
+        ix.apply("c", &B::default().store(&[9], None, &toks[..2], None).build(), None).unwrap();
+        for n in [0, 1, 2, 4, 6, 8, 12] {
+            let mut got = Vec::new();
+            ix.match_tiers(&Query::new("m", &toks[..n]), &mut got);
+            assert_eq!(got, per_mask(&ix, &toks[..n]), "{n} tokens");
+        }
+        let mut got = Vec::new();
+        ix.match_tiers(&Query::new("m", &toks), &mut got);
+        // slots a=0 b=1 c=2 d=3: [gpu, cpu, storage, any]
+        assert_eq!(got, vec![(0, [2, 2, 0, 2]), (1, [0, 0, 4, 4]), (2, [1, 0, 0, 1]), (3, [0, 0, 0, 0])]);
+        ix.match_tiers(&Query::new("other", &toks), &mut got);
+        assert!(got.is_empty());
     }
 }

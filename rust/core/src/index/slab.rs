@@ -148,3 +148,49 @@ impl Index {
         self.free_block = slot;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::CHUNK;
+    use crate::index::{Index, Query};
+
+    /// Blocks on both sides of the first 65,536-block chunk boundary are
+    /// stored, found, freed and reused correctly.
+    #[test]
+    fn blocks_across_the_chunk_boundary() {
+        let n = CHUNK + 40;
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        let tokens: Vec<u32> = (0..n as u32).collect();
+        let hashes: Vec<u64> = (1..=n as u64).collect();
+        let st = ix.apply("a", &B::default().store(&hashes, None, &tokens, None).build(), None).unwrap();
+        assert_eq!(st.stored, n as u64);
+        assert_eq!(ix.blocks.len(), n);
+        assert_eq!(ix.blocks.chunks.len(), 2);
+        // Every block's key is where the key table says it is.
+        let keys = ix.query_keys(&Query::new("m", &tokens));
+        for i in [0, CHUNK - 2, CHUNK - 1, CHUNK, CHUNK + 1, n - 1] {
+            let slot = ix.find_block(keys[i]).unwrap();
+            assert_eq!(slot as usize, i);
+            assert_eq!(ix.blocks[slot as usize].key(), keys[i]);
+            assert_eq!(ix.blocks.get(slot as usize).map(super::Block::key), Some(keys[i]));
+        }
+        assert!(ix.blocks.get(n).is_none());
+        assert_eq!(depth(&ix, &tokens, "a"), n as u32);
+        // Drop the block at the boundary: the match stops there.
+        ix.apply("a", &B::default().remove(&[CHUNK as u64 + 1], None).build(), None).unwrap();
+        assert_eq!(depth(&ix, &tokens, "a"), CHUNK as u32);
+        // Its slot is reused for the next new block.
+        ix.apply("a", &B::default().store(&[999_999], None, &[7; 1], None).build(), None).unwrap();
+        assert_eq!(ix.find_block(ix.query_keys(&Query::new("m", &[7]))[0]), Some(CHUNK as u32));
+        assert_eq!(ix.blocks.len(), n);
+        ix.check_invariants().unwrap();
+        // The whole thing survives a snapshot.
+        let mut buf = Vec::new();
+        ix.save(&mut buf).unwrap();
+        let back = Index::load(&mut buf.as_slice()).unwrap();
+        assert_eq!(depth(&back, &tokens, "a"), CHUNK as u32);
+        assert_eq!(depth(&back, &[7], "a"), 1);
+    }
+}

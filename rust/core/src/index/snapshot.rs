@@ -2,7 +2,6 @@
 //! index (blocks in LRU order with child hints, models, workers with engine
 //! hashes, holdings and stream positions).
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 
 use super::{ekey, Index, NIL};
@@ -39,10 +38,14 @@ impl Index {
         }
         put_u64(&mut body, self.capacity.map_or(u64::MAX, |c| c as u64));
         put_u64(&mut body, self.evictions);
-        put_u32(&mut body, self.models.len() as u32);
-        for m in &self.models {
-            put_str(&mut body, &m.name);
-            put_u32(&mut body, m.block_size.unwrap_or(0));
+        // Live models only, renumbered densely (freed model ids are holes).
+        let mut model_ordinal = vec![NIL; self.models.len()];
+        let live_models: Vec<_> = self.models.iter().enumerate().filter(|(_, m)| m.workers > 0).collect();
+        put_u32(&mut body, live_models.len() as u32);
+        for (o, (m, model)) in live_models.into_iter().enumerate() {
+            model_ordinal[m] = o as u32;
+            put_str(&mut body, &model.name);
+            put_u32(&mut body, model.block_size.unwrap_or(0));
         }
         put_u32(&mut body, order.len() as u32);
         for &s in &order {
@@ -58,7 +61,7 @@ impl Index {
         for (ws, w) in self.workers.iter().enumerate() {
             let Some(w) = w else { continue };
             put_str(&mut body, &w.id);
-            put_u32(&mut body, w.model);
+            put_u32(&mut body, model_ordinal[w.model as usize]);
             let (last, digest) = w.stream.position();
             put_u64(&mut body, last.unwrap_or(u64::MAX));
             body.push(u8::from(last.is_some()));
@@ -90,7 +93,11 @@ impl Index {
         Ok(())
     }
 
-    /// Read an index written by [`Index::save`].
+    /// Read an index written by [`Index::save`]. The structure is checked
+    /// as well as the checksum: a snapshot that loads is one `save` could
+    /// have written (no duplicate models, blocks, workers, engine hashes or
+    /// holdings; every holding named by one of its worker's engine hashes;
+    /// nothing after the body).
     pub fn load(input: &mut impl Read) -> Result<Index, IndexError> {
         let bad = |what: &str| IndexError::Snapshot(what.to_owned());
         let mut head = [0u8; 24];
@@ -105,18 +112,29 @@ impl Index {
         if body.len() as u64 != len {
             return Err(bad(&format!("truncated: {} of {len} body bytes", body.len())));
         }
+        let mut extra = [0u8; 1];
+        if input.read(&mut extra).map_err(|e| bad(&format!("cannot read past the body: {e}")))? != 0 {
+            return Err(bad(&format!("trailing bytes after the {len}-byte body")));
+        }
         if xxhash_rust::xxh3::xxh3_64(&body) != sum {
             return Err(bad("checksum mismatch (corrupted file)"));
         }
         let mut r = Reader { buf: &body, pos: 0 };
         let cap = r.u64()?;
-        let mut ix = Index::new(if cap == u64::MAX { None } else { Some(cap as usize) })?;
+        let cap = if cap == u64::MAX { None } else { Some(usize::try_from(cap).unwrap_or(usize::MAX)) };
+        let mut ix = Index::new(cap).map_err(|e| bad(&format!("capacity: {e}")))?;
         ix.evictions = r.u64()?;
         let nmodels = r.u32()?;
         let mut model_names = Vec::new();
         for _ in 0..nmodels {
             let name = r.string()?;
             let bs = r.u32()?;
+            if name.is_empty() {
+                return Err(bad("model with an empty name"));
+            }
+            if ix.model_by_name.contains_key(&name) {
+                return Err(bad(&format!("model {name:?} appears twice")));
+            }
             let m = ix.model_id(&name);
             ix.models[m as usize].block_size = (bs != 0).then_some(bs);
             model_names.push(name);
@@ -125,25 +143,43 @@ impl Index {
         let mut slots = Vec::with_capacity(nblocks.min(body.len() / 8));
         for _ in 0..nblocks {
             let key = r.u64()?;
-            slots.push(ix.intern_block(key));
+            let fresh = ix.blocks.len() as u32;
+            let dormant = ix.dormant;
+            let slot = ix.intern_block(key);
+            // A new block is counted dormant; an existing key is not.
+            if ix.dormant == dormant {
+                return Err(bad(&format!("block key {key:#018x} appears twice")));
+            }
+            debug_assert_eq!(slot, fresh);
+            slots.push(slot);
         }
         for &slot in &slots {
             let child = r.u32()?;
-            if let Some(&c) = slots.get(child as usize) {
-                ix.blocks[slot as usize].child = c;
+            if child == NIL {
+                continue;
             }
+            let c = *slots.get(child as usize).ok_or_else(|| bad(&format!("child hint {child} names no block")))?;
+            ix.blocks[slot as usize].child = c;
         }
         let nworkers = r.u32()?;
-        let mut pending: Vec<(u32, Vec<(u32, u8)>)> = Vec::new();
+        // Holders per block ordinal, re-inserted least recent first below so
+        // the LRU order survives.
+        let mut by_block: Vec<Vec<(u32, u8)>> = vec![Vec::new(); slots.len()];
+        let mut named = vec![false; slots.len()];
+        let mut named_list = Vec::new();
         for _ in 0..nworkers {
             let id = r.string()?;
             let m = r.u32()? as usize;
-            let model = model_names.get(m).ok_or_else(|| bad("worker names an unknown model"))?.clone();
+            let model =
+                model_names.get(m).ok_or_else(|| bad(&format!("worker {id:?} names unknown model {m}")))?.clone();
             let seq = r.u64()?;
             let has_seq = r.u8()? != 0;
             let digest = r.u64()?;
             let purges = r.u64()?;
-            ix.add_worker(&id, &model)?;
+            if ix.by_id.contains_key(&id) {
+                return Err(bad(&format!("worker {id:?} appears twice")));
+            }
+            ix.add_worker(&id, &model).map_err(|e| bad(&format!("worker {id:?}: {e}")))?;
             let ws = ix.slot_of(&id)?;
             {
                 let w = ix.worker_mut(ws);
@@ -152,39 +188,50 @@ impl Index {
             }
             let ne = r.u32()?;
             let mut emap = std::mem::take(&mut ix.worker_mut(ws).emap);
+            // Reset only what the previous worker marked: O(size), not
+            // O(workers x blocks).
+            for o in named_list.drain(..) {
+                named[o] = false;
+            }
             for _ in 0..ne {
                 let ek = r.u64()?;
                 let o = r.u32()? as usize;
-                let slot = *slots.get(o).ok_or_else(|| bad("engine hash names an unknown block"))?;
+                let slot = *slots
+                    .get(o)
+                    .ok_or_else(|| bad(&format!("worker {id:?}: engine hash {ek:#x} names unknown block {o}")))?;
+                if Self::emap_get(&emap, ek).is_some() {
+                    return Err(bad(&format!("worker {id:?}: engine hash {ek:#x} appears twice")));
+                }
                 ix.emap_set(&mut emap, ek, slot);
+                named[o] = true;
+                named_list.push(o);
             }
             ix.worker_mut(ws).emap = emap;
             let nh = r.u32()?;
-            let mut held = Vec::new();
             for _ in 0..nh {
                 let o = r.u32()? as usize;
                 let t = r.u8()?;
-                let slot = *slots.get(o).ok_or_else(|| bad("holding names an unknown block"))?;
+                let holders = by_block
+                    .get_mut(o)
+                    .ok_or_else(|| bad(&format!("worker {id:?}: holding names unknown block {o}")))?;
                 if t == 0 || t > 7 {
-                    return Err(bad("holding with invalid tiers"));
+                    return Err(bad(&format!("worker {id:?}: holding of block {o} has invalid tiers {t}")));
                 }
-                held.push((slot, t));
+                if !named[o] {
+                    // purge and removal find holdings through the engine
+                    // hashes: one no hash names could never be released.
+                    return Err(bad(&format!(
+                        "worker {id:?}: holding of block {o} is named by none of its engine hashes"
+                    )));
+                }
+                if holders.last().is_some_and(|&(w, _)| w == ws) {
+                    return Err(bad(&format!("worker {id:?}: block {o} held twice")));
+                }
+                holders.push((ws, t));
             }
-            pending.push((ws, held));
         }
         if r.pos != body.len() {
-            return Err(bad("trailing bytes"));
-        }
-        // Re-insert holdings least recent first so the LRU order survives.
-        let mut by_block: Vec<Vec<(u32, u8)>> = vec![Vec::new(); slots.len()];
-        let mut ord_of = HashMap::new();
-        for (o, &s) in slots.iter().enumerate() {
-            ord_of.insert(s, o);
-        }
-        for (ws, held) in pending {
-            for (slot, t) in held {
-                by_block[ord_of[&slot]].push((ws, t));
-            }
+            return Err(bad(&format!("{} unread bytes at the end of the body", body.len() - r.pos)));
         }
         for (o, holders) in by_block.into_iter().enumerate() {
             for (ws, t) in holders {
@@ -193,6 +240,15 @@ impl Index {
         }
         for &s in &slots {
             ix.maybe_free_block(s);
+        }
+        // Models no worker uses (older snapshots kept them) are forgotten.
+        for name in &model_names {
+            let m = ix.model_by_name[name];
+            if ix.models[m as usize].workers == 0 {
+                ix.model_by_name.remove(name);
+                ix.models[m as usize] = super::workers::Model::vacant();
+                ix.free_models.push(m);
+            }
         }
         ix.evict_to_capacity();
         Ok(ix)
@@ -279,5 +335,170 @@ mod tests {
         bad[last] ^= 1;
         assert!(matches!(Index::load(&mut bad.as_slice()), Err(IndexError::Snapshot(_))));
         assert!(Index::load(&mut &buf[..buf.len() - 3]).is_err());
+    }
+}
+
+/// Hand-built snapshots: what `load` must refuse, and what
+/// `check_invariants` must see when such a state exists in memory.
+#[cfg(test)]
+mod validation_tests {
+    use super::{put_str, put_u32, put_u64, SNAPSHOT_MAGIC};
+    use crate::error::IndexError;
+    use crate::index::{Index, NIL};
+
+    /// One worker of a hand-built snapshot: engine hashes and holdings by
+    /// block ordinal.
+    struct W {
+        id: &'static str,
+        model: u32,
+        hashes: Vec<(u64, u32)>,
+        held: Vec<(u32, u8)>,
+    }
+
+    fn snapshot(models: &[&str], keys: &[u64], workers: &[W]) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_u64(&mut b, u64::MAX);
+        put_u64(&mut b, 0);
+        put_u32(&mut b, models.len() as u32);
+        for m in models {
+            put_str(&mut b, m);
+            put_u32(&mut b, 2);
+        }
+        put_u32(&mut b, keys.len() as u32);
+        for k in keys {
+            put_u64(&mut b, *k);
+        }
+        for _ in keys {
+            put_u32(&mut b, NIL);
+        }
+        put_u32(&mut b, workers.len() as u32);
+        for w in workers {
+            put_str(&mut b, w.id);
+            put_u32(&mut b, w.model);
+            put_u64(&mut b, u64::MAX);
+            b.push(0);
+            put_u64(&mut b, 0);
+            put_u64(&mut b, 0);
+            put_u32(&mut b, w.hashes.len() as u32);
+            for (ek, o) in &w.hashes {
+                put_u64(&mut b, *ek);
+                put_u32(&mut b, *o);
+            }
+            put_u32(&mut b, w.held.len() as u32);
+            for (o, t) in &w.held {
+                put_u32(&mut b, *o);
+                b.push(*t);
+            }
+        }
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&b).to_le_bytes());
+        out.extend_from_slice(&b);
+        out
+    }
+
+    fn w(id: &'static str, hashes: &[(u64, u32)], held: &[(u32, u8)]) -> W {
+        W { id, model: 0, hashes: hashes.to_vec(), held: held.to_vec() }
+    }
+
+    fn refused(snap: &[u8], what: &str) {
+        match Index::load(&mut &snap[..]) {
+            Err(IndexError::Snapshot(m)) => assert!(m.contains(what), "{m:?} does not say {what:?}"),
+            Err(e) => panic!("wrong error {e:?}"),
+            Ok(_) => panic!("snapshot with {what} loaded"),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_hand_built_snapshot_loads() {
+        let snap = snapshot(&["m"], &[10, 11], &[w("a", &[(1, 0), (2, 1)], &[(0, 1), (1, 3)])]);
+        let ix = Index::load(&mut &snap[..]).unwrap();
+        ix.check_invariants().unwrap();
+        assert_eq!((ix.stats().holdings, ix.stats().engine_hashes), (2, 2));
+        assert_eq!(ix.block_size("m"), Some(2));
+    }
+
+    #[test]
+    fn a_holding_no_engine_hash_names_is_refused() {
+        // Block 1 is held by "a" but none of a's hashes names it: removing
+        // "a" could never release it and the next worker in the slot
+        // would inherit it.
+        let snap = snapshot(&["m"], &[10, 11], &[w("a", &[(1, 0)], &[(0, 1), (1, 1)])]);
+        refused(&snap, "named by none of its engine hashes");
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        refused(&snapshot(&["m"], &[10, 10], &[w("a", &[(1, 0), (2, 1)], &[(0, 1)])]), "appears twice");
+        refused(
+            &snapshot(&["m"], &[10], &[w("a", &[(1, 0)], &[(0, 1)]), w("a", &[(1, 0)], &[(0, 1)])]),
+            "worker \"a\" appears twice",
+        );
+        refused(&snapshot(&["m", "m"], &[10], &[w("a", &[(1, 0)], &[(0, 1)])]), "model \"m\" appears twice");
+        refused(&snapshot(&["m"], &[10, 11], &[w("a", &[(1, 0), (1, 1)], &[(0, 1)])]), "engine hash 0x1 appears twice");
+        refused(&snapshot(&["m"], &[10], &[w("a", &[(1, 0)], &[(0, 1), (0, 2)])]), "held twice");
+    }
+
+    #[test]
+    fn trailing_bytes_after_the_body_are_refused() {
+        let mut snap = snapshot(&["m"], &[10], &[w("a", &[(1, 0)], &[(0, 1)])]);
+        Index::load(&mut &snap[..]).unwrap();
+        snap.push(0);
+        refused(&snap, "trailing bytes");
+    }
+
+    #[test]
+    fn bad_references_are_refused() {
+        let mut bad_model = w("a", &[(1, 0)], &[(0, 1)]);
+        bad_model.model = 3;
+        refused(&snapshot(&["m"], &[10], &[bad_model]), "unknown model 3");
+        refused(&snapshot(&["m"], &[10], &[w("a", &[(1, 5)], &[])]), "unknown block 5");
+        refused(&snapshot(&["m"], &[10], &[w("a", &[(1, 0)], &[(0, 9)])]), "invalid tiers 9");
+    }
+
+    #[test]
+    fn check_sees_a_holding_no_engine_hash_names() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        let slot = ix.intern_block(10);
+        ix.set_tiers(slot, 0, 1, true);
+        let err = ix.check_invariants().unwrap_err();
+        assert!(err.contains("none of its engine hashes"), "{err}");
+    }
+
+    #[test]
+    fn check_sees_duplicate_keys_and_workers() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        ix.intern_block(10);
+        let mut emap = std::mem::take(&mut ix.worker_mut(0).emap);
+        ix.emap_set(&mut emap, 1, 0);
+        ix.worker_mut(0).emap = emap;
+        ix.check_invariants().unwrap();
+        // a second slab block with the same key, bypassing the key table
+        let copy = ix.blocks[0];
+        ix.blocks.push(copy);
+        let err = ix.check_invariants().unwrap_err();
+        assert!(err.contains("duplicate keys"), "{err}");
+        ix.blocks[1].refs = NIL;
+
+        let mut ix2 = Index::default();
+        ix2.add_worker("a", "m").unwrap();
+        ix2.add_worker("b", "m").unwrap();
+        ix2.workers[1].as_mut().unwrap().id = "a".into();
+        let err = ix2.check_invariants().unwrap_err();
+        assert!(err.contains("not found by its id"), "{err}");
+        ix2.by_id.insert("c".into(), 1);
+        let err = ix2.check_invariants().unwrap_err();
+        assert!(err.contains("duplicate workers"), "{err}");
+    }
+
+    #[test]
+    fn check_sees_model_counts_that_disagree() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        ix.models[0].workers = 2;
+        let err = ix.check_invariants().unwrap_err();
+        assert!(err.contains("model \"m\""), "{err}");
     }
 }

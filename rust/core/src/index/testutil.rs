@@ -11,12 +11,28 @@ pub(crate) struct B {
     events: Vec<Vec<u8>>,
 }
 
-fn int_hash(b: &mut Vec<u8>, h: u64) {
-    enc::write_uint(b, h).unwrap();
+/// An engine block hash as it can appear on the wire.
+#[derive(Clone, Debug)]
+pub(crate) enum H {
+    U(u64),
+    N(i64),
+    Bin(Vec<u8>),
+}
+
+fn any_hash(b: &mut Vec<u8>, h: &H) {
+    match h {
+        H::U(v) => enc::write_uint(b, *v).map(|_| ()).unwrap(),
+        H::N(v) => enc::write_sint(b, *v).map(|_| ()).unwrap(),
+        H::Bin(v) => enc::write_bin(b, v).unwrap(),
+    }
 }
 
 impl B {
-    pub(crate) fn store(mut self, hashes: &[u64], parent: Option<u64>, tokens: &[u32], medium: Option<&str>) -> Self {
+    pub(crate) fn store(self, hashes: &[u64], parent: Option<u64>, tokens: &[u32], medium: Option<&str>) -> Self {
+        let hs: Vec<H> = hashes.iter().map(|&h| H::U(h)).collect();
+        self.store_h(&hs, parent.map(H::U).as_ref(), tokens, medium)
+    }
+    pub(crate) fn store_h(mut self, hashes: &[H], parent: Option<&H>, tokens: &[u32], medium: Option<&str>) -> Self {
         let mut e = Vec::new();
         enc::write_map_len(&mut e, 5).unwrap();
         enc::write_str(&mut e, "type").unwrap();
@@ -24,11 +40,11 @@ impl B {
         enc::write_str(&mut e, "block_hashes").unwrap();
         enc::write_array_len(&mut e, hashes.len() as u32).unwrap();
         for h in hashes {
-            int_hash(&mut e, *h);
+            any_hash(&mut e, h);
         }
         enc::write_str(&mut e, "parent_block_hash").unwrap();
         match parent {
-            Some(p) => int_hash(&mut e, p),
+            Some(p) => any_hash(&mut e, p),
             None => enc::write_nil(&mut e).unwrap(),
         }
         enc::write_str(&mut e, "token_ids").unwrap();
@@ -44,7 +60,20 @@ impl B {
         self.events.push(e);
         self
     }
-    pub(crate) fn remove(mut self, hashes: &[u64], medium: Option<&str>) -> Self {
+    /// Add a `block_size` field to the last event (a fixmap).
+    pub(crate) fn block_size(mut self, bs: u64) -> Self {
+        let e = self.events.last_mut().unwrap();
+        assert!(e[0] & 0xf0 == 0x80 && e[0] < 0x8f, "last event is a fixmap");
+        e[0] += 1;
+        enc::write_str(e, "block_size").unwrap();
+        enc::write_uint(e, bs).unwrap();
+        self
+    }
+    pub(crate) fn remove(self, hashes: &[u64], medium: Option<&str>) -> Self {
+        let hs: Vec<H> = hashes.iter().map(|&h| H::U(h)).collect();
+        self.remove_h(&hs, medium)
+    }
+    pub(crate) fn remove_h(mut self, hashes: &[H], medium: Option<&str>) -> Self {
         let mut e = Vec::new();
         enc::write_map_len(&mut e, 3).unwrap();
         enc::write_str(&mut e, "type").unwrap();
@@ -52,7 +81,7 @@ impl B {
         enc::write_str(&mut e, "block_hashes").unwrap();
         enc::write_array_len(&mut e, hashes.len() as u32).unwrap();
         for h in hashes {
-            int_hash(&mut e, *h);
+            any_hash(&mut e, h);
         }
         enc::write_str(&mut e, "medium").unwrap();
         match medium {
