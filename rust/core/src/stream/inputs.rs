@@ -13,11 +13,24 @@ impl Stream {
         }
         self.last_heard = Some(now);
         self.idle_probes = 0;
-        // One engine never repeats a live seq: at or below one already
-        // applied or seen, it is a new engine process.
-        let seen = self.last.max(self.live_high);
+        // One engine never repeats a live seq: at or below one already seen
+        // live, or one already applied that is not the live copy of a
+        // replayed batch, it is a new engine process.
+        let regressed = if self.live_high.is_some_and(|h| seq <= h) {
+            true
+        } else if self.last.is_some_and(|l| seq <= l) {
+            self.replayed.get(&seq) != Some(&payload_digest(payload))
+        } else {
+            false
+        };
         self.live_high = Some(self.live_high.map_or(seq, |h| h.max(seq)));
-        if seen.is_some_and(|s| seq <= s) {
+        // Live copies of replayed batches before this one will not come any more.
+        self.replayed = self.replayed.split_off(&seq.saturating_add(1));
+        if !regressed && self.last.is_some_and(|l| seq <= l) {
+            self.counters.duplicates += 1;
+            return Ok(Todo::NONE);
+        }
+        if regressed {
             let todo = self.restart(sink, now)?;
             self.live_high = Some(seq);
             if self.config.replay {
@@ -103,6 +116,7 @@ impl Stream {
                         self.replay = Some(super::Replay { pending: Pending::Fill { from: seq }, ..r });
                         // (`want` itself counts: it cannot be verified.)
                         self.lose_until(sink, want, seq, payload, now)?;
+                        self.remember_replayed(seq);
                         return Ok(Todo::NONE);
                     }
                     if payload_digest(payload) != digest {
@@ -119,6 +133,7 @@ impl Stream {
                     if seq > from {
                         // The engine's buffer starts later than asked.
                         self.lose_until(sink, from, seq, payload, now)?;
+                        self.remember_replayed(seq);
                         return Ok(Todo::NONE);
                     }
                 }
@@ -133,9 +148,13 @@ impl Stream {
             Some(l) if seq > l + 1 => {
                 // A hole inside the replay: history is lost.
                 self.lose_until(sink, l + 1, seq, payload, now)?;
+                self.remember_replayed(seq);
             }
-            None if seq > want => self.lose_until(sink, want, seq, payload, now)?,
-            _ => self.apply(sink, seq, payload, now)?,
+            None if seq > want => {
+                self.lose_until(sink, want, seq, payload, now)?;
+                self.remember_replayed(seq);
+            }
+            _ => self.apply_replayed(sink, seq, payload, now)?,
         }
         if let Some(r) = self.replay.as_mut() {
             r.progressed = true;
@@ -222,6 +241,16 @@ impl Stream {
     pub fn tick(&mut self, sink: &mut impl Sink, now: f64) -> Result<Todo, IndexError> {
         match self.state {
             State::Stopped => return Ok(Todo::NONE),
+            State::Connecting => {
+                // A worker resumed from a snapshot whose publisher never
+                // answers: what it held cannot be trusted past dead_after.
+                let since = *self.waiting_since.get_or_insert(now);
+                if self.last.is_some() && now - since >= self.config.dead_after {
+                    self.purge(sink)?;
+                    self.clear_buffer();
+                }
+                return Ok(Todo::NONE);
+            }
             State::Disconnected => {
                 let dead = self.disconnected_at.is_some_and(|t| now - t >= self.config.dead_after);
                 if dead && (self.last.is_some() || !self.buffer.is_empty()) {

@@ -248,6 +248,13 @@ pub struct Stream {
     buffered_bytes: usize,
     /// Highest live seq seen since the stream last started over.
     live_high: Option<u64>,
+    /// Digests of batches applied from a replay whose live copy may still
+    /// be queued on the SUB socket (it travels on another connection):
+    /// such a live copy is a duplicate, any other live seq at or below the
+    /// last applied one is a restarted engine.
+    replayed: BTreeMap<u64, u64>,
+    /// Since when a resumed worker has waited for its publisher.
+    waiting_since: Option<f64>,
     counters: StreamCounters,
     last_event: Option<f64>,
     /// Last time anything arrived from the engine (live or replay).
@@ -279,6 +286,8 @@ impl Stream {
             buffer: BTreeMap::new(),
             buffered_bytes: 0,
             live_high: None,
+            replayed: BTreeMap::new(),
+            waiting_since: None,
             counters: StreamCounters::default(),
             last_event: None,
             last_heard: None,
@@ -353,6 +362,7 @@ impl Stream {
 
     fn purge(&mut self, sink: &mut impl Sink) -> Result<(), IndexError> {
         sink.purge()?;
+        self.replayed.clear();
         self.counters.purges += 1;
         self.last = None;
         self.digest = 0;
@@ -410,6 +420,24 @@ impl Stream {
         let (seq, p) = self.buffer.pop_first()?;
         self.buffered_bytes -= p.len();
         Some((seq, p))
+    }
+
+    /// Apply a batch that came by replay, remembering its digest until its
+    /// live copy (if any) has gone by.
+    fn apply_replayed(&mut self, sink: &mut impl Sink, seq: u64, payload: &[u8], now: f64) -> Result<(), IndexError> {
+        self.apply(sink, seq, payload, now)?;
+        self.remember_replayed(seq);
+        Ok(())
+    }
+
+    /// `seq` was just applied from a replay.
+    fn remember_replayed(&mut self, seq: u64) {
+        if self.live_high.is_none_or(|h| seq > h) {
+            self.replayed.insert(seq, self.digest);
+            while self.replayed.len() > self.config.max_buffered {
+                self.replayed.pop_first();
+            }
+        }
     }
 
     /// Apply one batch; a malformed payload is counted and skipped (its seq

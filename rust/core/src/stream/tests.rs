@@ -498,3 +498,46 @@ fn a_restarted_engine_whose_first_live_batches_were_lost_is_not_spliced_by_a_gap
     s.replay_end(&mut Sk(&mut ix), 1.2).unwrap();
     assert_eq!((s.state(), ix.stats().holdings, depth(&ix)), (State::Live, 6, 0));
 }
+
+#[test]
+fn the_delayed_live_copy_of_a_replayed_batch_is_a_duplicate_not_a_restart() {
+    let (mut ix, mut s) = setup(true);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    // the replay brings 0..4 before the live copies of 3 and 4 are read
+    for seq in 0..5 {
+        s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 0.1).unwrap();
+    }
+    s.replay_end(&mut Sk(&mut ix), 0.1).unwrap();
+    for seq in 3..6 {
+        assert_eq!(s.live(&mut Sk(&mut ix), seq, &batch(seq), 0.2).unwrap().replay_from, None);
+    }
+    let c = s.counters();
+    assert_eq!((s.state(), c.resets, c.purges, c.duplicates, depth(&ix)), (State::Live, 0, 0, 2, 6));
+    // once seq 5 went by live, a live 4 can only be another process
+    assert_eq!(s.live(&mut Sk(&mut ix), 4, &batch(4), 0.3).unwrap().replay_from, Some(0));
+    assert_eq!(s.counters().resets, 1);
+}
+
+#[test]
+fn another_batch_under_a_replayed_seq_is_a_restart() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 5);
+    let other = store(77.0, 50, None);
+    assert_eq!(s.live(&mut Sk(&mut ix), 3, &other, 0.2).unwrap().replay_from, Some(0));
+    assert_eq!((s.counters().resets, ix.stats().holdings), (1, 0));
+}
+
+#[test]
+fn a_resumed_worker_whose_publisher_never_connects_is_purged_after_dead_after() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 3);
+    let (last, digest) = s.position();
+    let mut s = Stream::new(StreamConfig { dead_after: 4.0, ..s.config }, last, digest);
+    s.tick(&mut Sk(&mut ix), 10.0).unwrap();
+    s.tick(&mut Sk(&mut ix), 13.9).unwrap();
+    assert_eq!((s.state(), depth(&ix)), (State::Connecting, 3));
+    s.tick(&mut Sk(&mut ix), 14.0).unwrap();
+    assert_eq!((s.state(), depth(&ix), s.last_seq()), (State::Connecting, 0, None));
+    // when it does connect, the history is fetched from the start
+    assert_eq!(s.start(&mut Sk(&mut ix), 20.0).unwrap().replay_from, Some(0));
+}
