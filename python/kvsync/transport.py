@@ -153,6 +153,9 @@ class EventManager:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._poller = zmq.Poller()
+        # Workers whose publisher connection is down: {worker_id: since}.
+        self._down: dict[str, float] = {}
+        self._next_watch = 0.0
 
     # ------------------------------------------------------------ public
 
@@ -493,7 +496,36 @@ class EventManager:
                     self._on_readable(entry[0], entry[1], now)
             self._tick(time.monotonic())
 
+    def _watch_reconnects(self, now: float) -> None:
+        """libzmq does not reconnect after a protocol error (a message over
+        ``max_message_bytes``, a garbled frame): a connection that stays
+        down longer than a heartbeat timeout is made again from scratch."""
+        if now < self._next_watch:
+            return
+        self._next_watch = now + 1.0
+        grace = max(1.0, 2 * self.heartbeat_timeout)
+        for wid, since in list(self._down.items()):
+            w = self._workers.get(wid)
+            if w is None or w.up or w.lost or w.sub is None:
+                self._down.pop(wid, None)
+                continue
+            if now - since >= grace:
+                log.warning(
+                    "%s: no reconnect %.0f s after a disconnect (an engine that is down, "
+                    "or a message over max_message_bytes=%d); connecting again",
+                    wid,
+                    now - since,
+                    self.max_message_bytes,
+                )
+                dealer, w.dealer = w.dealer, None  # a replay under way goes on
+                self._close(w)
+                w.dealer = dealer
+                w.connected_once = True  # the next connect is a reconnect
+                self._open(w)
+                self._down[wid] = now
+
     def _tick(self, now: float) -> None:
+        self._watch_reconnects(now)
         try:
             due = self._streams.tick(now)
         except KeyError:
@@ -602,12 +634,15 @@ class EventManager:
             event = msg["event"]
             if event == zmq.EVENT_DISCONNECTED and w.up:
                 w.up = False
+                self._down[w.wid] = now
                 log.info("%s: publisher disconnected", w.wid)
-                if _CORE_KNOWS_DISCONNECTS:
-                    # getattr until the `stream` branch's stub is merged
-                    getattr(self._streams, "disconnected")(w.wid, now)  # noqa: B009
+                # getattr until the core of the `stream` branch is merged
+                report = getattr(self._streams, "disconnected", None)
+                if report is not None:
+                    report(w.wid, now)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 w.up = True
+                self._down.pop(w.wid, None)
                 if not w.connected_once:
                     w.connected_once = True
                     # Subscribed and connected: now fetch the history.
