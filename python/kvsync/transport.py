@@ -38,6 +38,7 @@ from kvsync import _limits
 from kvsync._core import Index, Streams, WorkerStatus
 from kvsync._limits import DescriptorLimitError
 from kvsync._pod import Pod
+from kvsync._readiness import Readiness
 
 __all__ = ["END_SEQ", "DescriptorLimitError", "EventManager", "Pod"]
 
@@ -152,7 +153,7 @@ class EventManager:
         self._io_running = False  # the I/O thread owns sockets (its side only)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._poller = zmq.Poller()
+        self._ready = Readiness()
         # Workers whose publisher connection is down: {worker_id: since}.
         self._down: dict[str, float] = {}
         self._next_watch = 0.0
@@ -303,9 +304,8 @@ class EventManager:
                     f"pod {pod.name!r} would follow worker {wid!r}, which pod "
                     f"{other.pod.name!r} already follows; give one of them another name"
                 )
-        known = self.index.workers()
         for wid, _ in wids:
-            model = known.get(wid)
+            model = self._indexed_model(wid)
             followed_by_old = old is not None and any(wid == w for w, _ in old.workers())
             if model is not None and model != pod.model and not followed_by_old:
                 raise ValueError(
@@ -335,6 +335,15 @@ class EventManager:
                 if self._workers.pop(w.wid, None) is not None:
                     self._streams.remove(w.wid)
             raise
+
+    def _indexed_model(self, wid: str) -> str | None:
+        """The model ``wid`` is registered for in the index, if it is (one
+        lookup: ``Index.workers()`` would make adding N pods O(N**2))."""
+        try:
+            model: str = self.index.worker_stats(wid)["model"]
+        except KeyError:
+            return None
+        return model
 
     def _stream_options(self, pod: Pod) -> dict[str, Any]:
         opts: dict[str, Any] = {
@@ -393,17 +402,16 @@ class EventManager:
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         w.monitor = sub.get_monitor_socket(_MONITOR_EVENTS)
         self._connect(sub, w, w.pod.pub_port)
-        self._poller.register(sub, zmq.POLLIN)
-        self._poller.register(w.monitor, zmq.POLLIN)
         self._by_socket[sub] = ("sub", w)
         self._by_socket[w.monitor] = ("monitor", w)
+        self._ready.add(sub)
+        self._ready.add(w.monitor)
 
     def _close(self, w: _Worker) -> None:
         for sock in (w.sub, w.monitor, w.dealer):
             if sock is None:
                 continue
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(sock)
+            self._ready.discard(sock)
             self._by_socket.pop(sock, None)
         if w.sub is not None and w.monitor is not None:
             with contextlib.suppress(zmq.ZMQError):
@@ -416,8 +424,7 @@ class EventManager:
 
     def _drop_dealer(self, w: _Worker) -> None:
         if w.dealer is not None:
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(w.dealer)
+            self._ready.discard(w.dealer)
             self._by_socket.pop(w.dealer, None)
             w.dealer.close(linger=0)
             w.dealer = None
@@ -437,8 +444,8 @@ class EventManager:
         dealer.setsockopt(zmq.RCVHWM, 0)
         self._connect(dealer, w, w.pod.replay_port)
         dealer.send_multipart([b"", start.to_bytes(8, "big")])
-        self._poller.register(dealer, zmq.POLLIN)
         self._by_socket[dealer] = ("dealer", w)
+        self._ready.add(dealer)
         log.debug("%s: replay requested from %d", w.wid, start)
 
     def _follow(self, w: _Worker, start: int | None) -> None:
@@ -452,8 +459,8 @@ class EventManager:
             wake = self._ctx.socket(zmq.PULL)
             wake.setsockopt(zmq.LINGER, 0)
             wake.bind(self._wake_addr)
-            self._poller = zmq.Poller()
-            self._poller.register(wake, zmq.POLLIN)
+            self._ready = Readiness()
+            self._ready.add(wake)
             self._io_running = True
             for w in self._workers.values():
                 self._open(w)
@@ -480,20 +487,24 @@ class EventManager:
             for w in list(self._workers.values()):
                 self._close(w)
             if wake is not None:
+                self._ready.discard(wake)
                 wake.close(linger=0)
+            self._ready.close()
             self._run_commands()
 
     def _loop(self, wake: zmq.Socket[bytes]) -> None:
         while not self._stopping.is_set():
-            events = dict(self._poller.poll(self.poll_ms))
+            ready = self._ready.wait(self.poll_ms / 1000)
             now = time.monotonic()
-            if wake in events:
+            if wake in ready:
                 self._drain(wake)
+                self._ready.recheck(wake)
                 self._run_commands()
-            for sock in list(events):
+            for sock in ready:
                 entry = self._by_socket.get(sock)
-                if entry is not None:
+                if entry is not None:  # (not closed by a command or handler)
                     self._on_readable(entry[0], entry[1], now)
+                    self._ready.recheck(sock)
             self._tick(time.monotonic())
 
     def _watch_reconnects(self, now: float) -> None:
