@@ -39,37 +39,18 @@ from kvsync._core import Index, Streams, WorkerStatus
 from kvsync._limits import DescriptorLimitError
 from kvsync._pod import Pod
 from kvsync._readiness import Readiness
+from kvsync._worker import SocketOptions, Worker
 
 __all__ = ["END_SEQ", "DescriptorLimitError", "EventManager", "Pod"]
 
 log = logging.getLogger("kvsync.transport")
 
 END_SEQ = b"\xff" * 8
-# Connected means the ZMTP handshake completed: a TCP connect alone also
-# succeeds against a stopped (SIGSTOP) engine, whose kernel still accepts.
-_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 _wake_ids = itertools.count()
 # Streams.disconnected and the dead_after/... keywords of Streams.add come
 # with the core of the `stream` branch; until it is merged, an engine that
 # disappears is only logged.
 _CORE_KNOWS_DISCONNECTS = hasattr(Streams, "disconnected")
-
-
-class _Worker:
-    """Sockets of one worker; touched only by the I/O thread."""
-
-    def __init__(self, wid: str, pod: Pod, rank: int) -> None:
-        self.wid = wid
-        self.pod = pod
-        self.rank = rank
-        self.sub: zmq.Socket[bytes] | None = None
-        self.monitor: zmq.Socket[bytes] | None = None
-        self.dealer: zmq.Socket[bytes] | None = None
-        self.connected_once = False
-        self.up = False
-        # The core lost the worker (e.g. Index.remove_worker behind our
-        # back): its sockets are closed until the pod is added again.
-        self.lost = False
 
 
 _Command = tuple[Callable[[], None], "Future[None]"]
@@ -136,12 +117,19 @@ class EventManager:
         self.dead_after = dead_after
         self.rcvhwm = rcvhwm
         self.max_message_bytes = max_message_bytes
+        self._options = SocketOptions(
+            topic=self.topic,
+            heartbeat_ivl=heartbeat_ivl,
+            heartbeat_timeout=heartbeat_timeout,
+            rcvhwm=rcvhwm,
+            max_message_bytes=max_message_bytes,
+        )
         self._own_ctx = context is None
         self._ctx: zmq.Context[Any] | None = context
         self._streams = Streams(index)
         self._pods: dict[str, Pod] = {}
-        self._workers: dict[str, _Worker] = {}
-        self._by_socket: dict[zmq.Socket[bytes], tuple[str, _Worker]] = {}
+        self._workers: dict[str, Worker] = {}
+        self._by_socket: dict[zmq.Socket[bytes], tuple[str, Worker]] = {}
         self._commands: queue.Queue[_Command] = queue.Queue()
         self._wake_addr = ""
         self._wake_send: zmq.Socket[bytes] | None = None
@@ -316,8 +304,8 @@ class EventManager:
         _limits.check(total, f"add_pod({pod.name!r})", self._ctx)
         if old is not None:
             self._remove_pod(pod.name)
-        workers = [_Worker(wid, pod, rank) for wid, rank in wids]
-        added: list[_Worker] = []
+        workers = [Worker(wid, pod, rank) for wid, rank in wids]
+        added: list[Worker] = []
         try:
             if self._io_running:
                 for w in workers:
@@ -368,46 +356,16 @@ class EventManager:
 
     # ---------------------------------------------------- I/O thread side
 
-    def _liveness(self, sock: zmq.Socket[bytes]) -> None:
-        ivl = round(self.heartbeat_ivl * 1000)
-        timeout = round(self.heartbeat_timeout * 1000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
-        # Ask the engine to drop us too when we go silent (100 ms units).
-        sock.setsockopt(zmq.HEARTBEAT_TTL, min(timeout, 6_553_500))
-        # A stopped engine's kernel still completes the TCP connect; without a
-        # handshake deadline the half-open connection would wait 30 s.
-        sock.setsockopt(zmq.HANDSHAKE_IVL, timeout)
-        # A steady 100 ms retry (no exponential back-off): a restarted engine
-        # is reconnected to, and probed, within ~0.1 s of binding again.
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        sock.setsockopt(zmq.IPV6, 1)
-        sock.setsockopt(zmq.LINGER, 0)
-
-    def _connect(self, sock: zmq.Socket[bytes], w: _Worker, port: int) -> None:
-        endpoint = w.pod.endpoint(port, w.rank)
-        try:
-            sock.connect(endpoint)
-        except zmq.ZMQError as e:
-            raise ValueError(f"pod {w.pod.name!r}: cannot connect to {endpoint}: {e}") from e
-
-    def _open(self, w: _Worker) -> None:
+    def _open(self, w: Worker) -> None:
         assert self._ctx is not None
-        sub = self._ctx.socket(zmq.SUB)
-        w.sub = sub
-        self._liveness(sub)
-        sub.setsockopt(zmq.RCVHWM, self.rcvhwm)
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        w.monitor = sub.get_monitor_socket(_MONITOR_EVENTS)
-        self._connect(sub, w, w.pod.pub_port)
+        sub = w.open_sub(self._ctx, self._options)
+        assert w.monitor is not None
         self._by_socket[sub] = ("sub", w)
         self._by_socket[w.monitor] = ("monitor", w)
         self._ready.add(sub)
         self._ready.add(w.monitor)
 
-    def _close(self, w: _Worker) -> None:
+    def _close(self, w: Worker) -> None:
         for sock in (w.sub, w.monitor, w.dealer):
             if sock is None:
                 continue
@@ -422,33 +380,24 @@ class EventManager:
         w.sub = w.monitor = w.dealer = None
         w.connected_once = w.up = False
 
-    def _drop_dealer(self, w: _Worker) -> None:
+    def _drop_dealer(self, w: Worker) -> None:
         if w.dealer is not None:
             self._ready.discard(w.dealer)
             self._by_socket.pop(w.dealer, None)
             w.dealer.close(linger=0)
             w.dealer = None
 
-    def _request_replay(self, w: _Worker, start: int) -> None:
+    def _request_replay(self, w: Worker, start: int) -> None:
         if w.pod.replay_port is None or w.lost:
             return
         self._drop_dealer(w)
         assert self._ctx is not None
-        dealer = self._ctx.socket(zmq.DEALER)
-        w.dealer = dealer
-        self._liveness(dealer)
-        # No message-count limit: a ROUTER drops what does not fit the pipe,
-        # and a long replay must arrive whole (the pipe's room is the sum of
-        # both sides' high-water marks). It is bounded by the engine's
-        # buffer (10,000 batches by default) and max_message_bytes.
-        dealer.setsockopt(zmq.RCVHWM, 0)
-        self._connect(dealer, w, w.pod.replay_port)
-        dealer.send_multipart([b"", start.to_bytes(8, "big")])
+        dealer = w.open_dealer(self._ctx, self._options, start)
         self._by_socket[dealer] = ("dealer", w)
         self._ready.add(dealer)
         log.debug("%s: replay requested from %d", w.wid, start)
 
-    def _follow(self, w: _Worker, start: int | None) -> None:
+    def _follow(self, w: Worker, start: int | None) -> None:
         if start is not None:
             self._request_replay(w, start)
 
@@ -560,7 +509,7 @@ class EventManager:
             while True:
                 sock.recv(zmq.NOBLOCK)
 
-    def _lose(self, w: _Worker) -> None:
+    def _lose(self, w: Worker) -> None:
         """The index no longer knows a followed worker (someone called
         ``Index.remove_worker``): say so once and stop feeding it, rather
         than failing on every message from now on."""
@@ -575,7 +524,7 @@ class EventManager:
         with contextlib.suppress(Exception):
             self._streams.stop(w.wid)
 
-    def _on_readable(self, kind: str, w: _Worker, now: float) -> None:
+    def _on_readable(self, kind: str, w: Worker, now: float) -> None:
         # One worker's trouble must not stop the others: log and go on.
         try:
             if kind == "sub":
@@ -601,7 +550,7 @@ class EventManager:
             except zmq.Again:
                 return
 
-    def _on_sub(self, w: _Worker, now: float) -> None:
+    def _on_sub(self, w: Worker, now: float) -> None:
         assert w.sub is not None
         # Everything queued for this worker goes to the index in one call.
         batch: list[tuple[bytes, bytes]] = []
@@ -613,7 +562,7 @@ class EventManager:
         if batch:
             self._follow(w, self._streams.live_many(w.wid, batch, now))
 
-    def _on_dealer(self, w: _Worker, now: float) -> None:
+    def _on_dealer(self, w: Worker, now: float) -> None:
         sock = w.dealer
         if sock is None:
             return
@@ -636,7 +585,7 @@ class EventManager:
                 return
             self._follow(w, self._streams.replayed(w.wid, seq, payload, now))
 
-    def _on_monitor(self, w: _Worker, now: float) -> None:
+    def _on_monitor(self, w: Worker, now: float) -> None:
         while w.monitor is not None:
             try:
                 msg = recv_monitor_message(w.monitor, zmq.NOBLOCK)
