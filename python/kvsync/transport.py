@@ -47,6 +47,7 @@ log = logging.getLogger("kvsync.transport")
 
 END_SEQ = b"\xff" * 8
 _wake_ids = itertools.count()
+_ORDER = {"sub": 0, "monitor": 1, "dealer": 2}
 # Streams.disconnected and the dead_after/... keywords of Streams.add come
 # with the core of the `stream` branch; until it is merged, an engine that
 # disappears is only logged.
@@ -142,8 +143,9 @@ class EventManager:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ready = Readiness()
-        # Workers whose publisher connection is down: {worker_id: since}.
-        self._down: dict[str, float] = {}
+        # Workers whose publisher connection is down:
+        # {worker_id: (when to connect again from scratch, the wait after that)}.
+        self._down: dict[str, tuple[float, float]] = {}
         self._next_watch = 0.0
 
     # ------------------------------------------------------------ public
@@ -449,6 +451,11 @@ class EventManager:
                 self._drain(wake)
                 self._ready.recheck(wake)
                 self._run_commands()
+            # Live messages first: a batch that zmq already took off the live
+            # connection must reach the stream before a replay reply that
+            # may hold it too (a live copy after the replay's end looks like
+            # an engine restart to the stream).
+            ready.sort(key=lambda sock: _ORDER.get(self._by_socket.get(sock, ("",))[0], 3))
             for sock in ready:
                 entry = self._by_socket.get(sock)
                 if entry is not None:  # (not closed by a command or handler)
@@ -459,22 +466,22 @@ class EventManager:
     def _watch_reconnects(self, now: float) -> None:
         """libzmq does not reconnect after a protocol error (a message over
         ``max_message_bytes``, a garbled frame): a connection that stays
-        down longer than a heartbeat timeout is made again from scratch."""
+        down longer than two heartbeat timeouts is made again from scratch,
+        then after twice as long each time (up to a minute), so that a fleet
+        of engines that are simply gone does not churn sockets."""
         if now < self._next_watch:
             return
         self._next_watch = now + 1.0
-        grace = max(1.0, 2 * self.heartbeat_timeout)
-        for wid, since in list(self._down.items()):
+        for wid, (due, wait) in list(self._down.items()):
             w = self._workers.get(wid)
             if w is None or w.up or w.lost or w.sub is None:
                 self._down.pop(wid, None)
                 continue
-            if now - since >= grace:
+            if now >= due:
                 log.warning(
-                    "%s: no reconnect %.0f s after a disconnect (an engine that is down, "
-                    "or a message over max_message_bytes=%d); connecting again",
+                    "%s: no reconnect after a disconnect (an engine that is down, or a "
+                    "message over max_message_bytes=%d); connecting again",
                     wid,
-                    now - since,
                     self.max_message_bytes,
                 )
                 dealer, w.dealer = w.dealer, None  # a replay under way goes on
@@ -482,7 +489,7 @@ class EventManager:
                 w.dealer = dealer
                 w.connected_once = True  # the next connect is a reconnect
                 self._open(w)
-                self._down[wid] = now
+                self._down[wid] = (now + wait, min(2 * wait, 60.0))
 
     def _tick(self, now: float) -> None:
         self._watch_reconnects(now)
@@ -594,7 +601,8 @@ class EventManager:
             event = msg["event"]
             if event == zmq.EVENT_DISCONNECTED and w.up:
                 w.up = False
-                self._down[w.wid] = now
+                wait = max(1.0, 2 * self.heartbeat_timeout)
+                self._down[w.wid] = (now + wait, wait)
                 log.info("%s: publisher disconnected", w.wid)
                 # getattr until the core of the `stream` branch is merged
                 report = getattr(self._streams, "disconnected", None)
