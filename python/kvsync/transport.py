@@ -47,7 +47,7 @@ log = logging.getLogger("kvsync.transport")
 
 END_SEQ = b"\xff" * 8
 _wake_ids = itertools.count()
-_ORDER = {"sub": 0, "monitor": 1, "dealer": 2}
+_ORDER = {"monitor": 0, "sub": 1, "dealer": 2}
 # Streams.disconnected and the dead_after/... keywords of Streams.add come
 # with the core of the `stream` branch; until it is merged, an engine that
 # disappears is only logged.
@@ -451,10 +451,11 @@ class EventManager:
                 self._drain(wake)
                 self._ready.recheck(wake)
                 self._run_commands()
-            # Live messages first: a batch that zmq already took off the live
-            # connection must reach the stream before a replay reply that
-            # may hold it too (a live copy after the replay's end looks like
-            # an engine restart to the stream).
+            # Connection events, then live messages, then replay replies: the
+            # stream must hear of a (re)connect before what came over it, and
+            # a batch zmq already took off the live connection must reach it
+            # before a replay reply that may hold it too (a live copy after
+            # the replay's end looks like an engine restart).
             ready.sort(key=lambda sock: _ORDER.get(self._by_socket.get(sock, ("",))[0], 3))
             for sock in ready:
                 entry = self._by_socket.get(sock)
@@ -558,7 +559,11 @@ class EventManager:
                 return
 
     def _on_sub(self, w: Worker, now: float) -> None:
-        assert w.sub is not None
+        if not w.up:
+            # Data from a connection whose handshake event is still queued.
+            self._on_monitor(w, now)
+        if w.sub is None:
+            return
         # Everything queued for this worker goes to the index in one call.
         batch: list[tuple[bytes, bytes]] = []
         for frames in self._frames(w.sub):
