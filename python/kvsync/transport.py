@@ -7,78 +7,54 @@ to the stream state machines in Rust (``kvsync._core.Streams``), which apply
 payloads to the index as received bytes and answer with the replay to
 request, if any. Each replay request goes out on a fresh DEALER, so late
 replies to an abandoned request can never be mistaken for new ones.
+
+Connections carry ZMTP heartbeats, so an engine that dies without closing
+its sockets (SIGKILL of a host, SIGSTOP, a network partition) is noticed
+within ``heartbeat_timeout``; its worker is then ``disconnected`` and purged
+after ``dead_after`` unless it comes back. Each SUB socket queues at most
+``rcvhwm`` messages of at most ``max_message_bytes`` each: an engine that
+publishes faster than the index ingests loses messages (reported as seq
+gaps, then replayed or purged) instead of growing this process's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvsync import _limits
 from kvsync._core import Index, Streams, WorkerStatus
+from kvsync._limits import DescriptorLimitError
+from kvsync._pod import Pod
+from kvsync._readiness import Readiness
+from kvsync._worker import SocketOptions, Worker
+
+__all__ = ["END_SEQ", "DescriptorLimitError", "EventManager", "Pod"]
 
 log = logging.getLogger("kvsync.transport")
 
 END_SEQ = b"\xff" * 8
-_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_wake_ids = itertools.count()
+_ORDER = {"monitor": 0, "sub": 1, "dealer": 2}
+# Streams.disconnected and the dead_after/... keywords of Streams.add come
+# with the core of the `stream` branch; until it is merged, an engine that
+# disappears is only logged.
+_CORE_KNOWS_DISCONNECTS = hasattr(Streams, "disconnected")
 
 
-@dataclass(frozen=True)
-class Pod:
-    """An engine pod. Rank ``r`` of ``dp_size`` listens on ``pub_port + r``
-    (and ``replay_port + r``); ``replay_port=None`` means no replay endpoint."""
-
-    name: str
-    model: str
-    host: str
-    pub_port: int = 5557
-    replay_port: int | None = 5558
-    dp_size: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("Pod.name must not be empty")
-        if not self.model:
-            raise ValueError("Pod.model must not be empty")
-        if self.dp_size < 1:
-            raise ValueError(f"Pod.dp_size must be >= 1, got {self.dp_size}")
-        for port in (self.pub_port, self.replay_port):
-            if port is not None and not 0 < port < 65536:
-                raise ValueError(f"port {port} out of range")
-
-    def workers(self) -> list[tuple[str, int]]:
-        """``(worker_id, rank)``: the pod name when dp_size == 1, else
-        ``f"{name}/dp{rank}"``."""
-        if self.dp_size == 1:
-            return [(self.name, 0)]
-        return [(f"{self.name}/dp{r}", r) for r in range(self.dp_size)]
-
-    def endpoint(self, port: int, rank: int) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{port + rank}"
-
-
-class _Worker:
-    """Sockets of one worker; touched only by the I/O thread."""
-
-    def __init__(self, wid: str, pod: Pod, rank: int) -> None:
-        self.wid = wid
-        self.pod = pod
-        self.rank = rank
-        self.sub: zmq.Socket[bytes] | None = None
-        self.monitor: zmq.Socket[bytes] | None = None
-        self.dealer: zmq.Socket[bytes] | None = None
-        self.connected_once = False
-        self.disconnected = False
+_Command = tuple[Callable[[], None], "Future[None]"]
 
 
 class EventManager:
@@ -86,7 +62,24 @@ class EventManager:
 
     ``add_pod``/``remove_pod`` may be called from any thread, before or
     after ``start``; ``remove_pod`` returns once the pod's holdings are
-    purged. Use as a context manager, or call ``start()`` and ``stop()``.
+    purged. Use as a context manager, or call ``start()`` and ``stop()``;
+    a stopped manager may be started again.
+
+    Liveness: ``heartbeat_ivl``/``heartbeat_timeout`` (seconds) are the ZMTP
+    heartbeat period and the silence after which a connection is dropped;
+    a worker whose publisher stays gone ``dead_after`` s is purged.
+
+    Memory: each worker's SUB socket queues at most ``rcvhwm`` messages and
+    refuses messages larger than ``max_message_bytes`` (the connection is
+    dropped and made again), so the bytes queued for one worker stay below
+    ``rcvhwm * max_message_bytes`` (in practice ``rcvhwm`` times the size of
+    a typical batch, a few KiB). What does not fit is dropped by zmq and
+    shows up as seq gaps (``dropped`` in ``status()``), which replay fills.
+
+    Descriptors: unless ``context`` is given, the manager owns a zmq
+    context whose socket limit follows ``RLIMIT_NOFILE``; ``start`` and
+    ``add_pod`` fail with ``DescriptorLimitError`` (an ``OSError``) naming
+    the limit when the fleet does not fit (about 6 descriptors per worker).
     """
 
     def __init__(
@@ -99,74 +92,137 @@ class EventManager:
         max_buffered: int = 100_000,
         poll_ms: int = 50,
         context: zmq.Context[Any] | None = None,
+        heartbeat_ivl: float = 1.0,
+        heartbeat_timeout: float = 3.0,
+        dead_after: float = 10.0,
+        rcvhwm: int = 10_000,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
+        if heartbeat_ivl <= 0 or heartbeat_timeout <= 0:
+            raise ValueError(
+                f"heartbeat_ivl and heartbeat_timeout must be > 0, got "
+                f"{heartbeat_ivl} and {heartbeat_timeout}"
+            )
+        if rcvhwm < 1:
+            raise ValueError(f"rcvhwm must be >= 1 (0 would mean unbounded), got {rcvhwm}")
+        if max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
         self.index = index
         self.topic = topic.encode()
         self.replay_timeout = replay_timeout
         self.clean_secs = clean_secs
         self.max_buffered = max_buffered
         self.poll_ms = poll_ms
-        self._ctx = context or zmq.Context.instance()
+        self.heartbeat_ivl = heartbeat_ivl
+        self.heartbeat_timeout = heartbeat_timeout
+        self.dead_after = dead_after
+        self.rcvhwm = rcvhwm
+        self.max_message_bytes = max_message_bytes
+        self._options = SocketOptions(
+            topic=self.topic,
+            heartbeat_ivl=heartbeat_ivl,
+            heartbeat_timeout=heartbeat_timeout,
+            rcvhwm=rcvhwm,
+            max_message_bytes=max_message_bytes,
+        )
+        self._own_ctx = context is None
+        self._ctx: zmq.Context[Any] | None = context
         self._streams = Streams(index)
         self._pods: dict[str, Pod] = {}
-        self._workers: dict[str, _Worker] = {}
-        self._by_socket: dict[zmq.Socket[bytes], tuple[str, _Worker]] = {}
-        self._commands: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
-        self._wake_addr = f"inproc://kvsync-wake-{id(self)}"
+        self._workers: dict[str, Worker] = {}
+        self._by_socket: dict[zmq.Socket[bytes], tuple[str, Worker]] = {}
+        self._commands: queue.Queue[_Command] = queue.Queue()
+        self._wake_addr = ""
         self._wake_send: zmq.Socket[bytes] | None = None
         self._wake_lock = threading.Lock()
+        # Serializes the choice "queue for the I/O thread or run here" with
+        # the thread starting and ending, so no command is left unanswered.
+        self._lock = threading.RLock()
+        self._accepting = False  # the I/O thread takes commands
+        self._io_running = False  # the I/O thread owns sockets (its side only)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._error: BaseException | None = None
+        self._ready = Readiness()
+        # Workers whose publisher connection is down:
+        # {worker_id: (when to connect again from scratch, the wait after that)}.
+        self._down: dict[str, tuple[float, float]] = {}
+        self._next_watch = 0.0
 
     # ------------------------------------------------------------ public
 
     def add_pod(self, pod: Pod) -> None:
         """Follow ``pod``. Adding a pod again with another host or ports
-        purges it and follows the new address."""
+        purges it and follows the new address. Raises ``ValueError`` if one
+        of its worker ids is another pod's (``a`` with dp_size 2 and
+        ``a/dp0``), and leaves nothing behind when it fails."""
         self._call(lambda: self._add_pod(pod))
 
     def remove_pod(self, name: str) -> None:
-        """Stop following pod ``name``; returns once its holdings are purged."""
+        """Stop following pod ``name``; returns once its holdings are purged.
+        Raises ``KeyError`` for an unknown pod."""
         self._call(lambda: self._remove_pod(name))
 
     def status(self) -> dict[str, WorkerStatus]:
         """``{worker_id: WorkerStatus}`` (state, last_seq, batches, events,
-        gaps, replays, lost_batches, resets, malformed, seconds since the
-        last event, ...)."""
+        gaps, replays, lost_batches, resets, malformed, dropped, seconds
+        since the last event, ...)."""
         return dict(self._streams.status(time.monotonic()))
 
     def pods(self) -> dict[str, Pod]:
-        return dict(self._pods)
+        with self._lock:
+            return dict(self._pods)
 
     def start(self) -> EventManager:
-        if self._thread is not None:
-            raise RuntimeError("EventManager already started")
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="kvsync-io", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("kvsync I/O thread did not start")
+        """Start the I/O thread; raises what stopped it from starting."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("EventManager already started")
+            if self._ctx is None:
+                self._ctx = _limits.new_context()
+            _limits.check(len(self._workers), "EventManager.start", self._ctx)
+            # Unique per start: inproc names live as long as the context, and
+            # CPython reuses id()s of collected managers.
+            self._wake_addr = f"inproc://kvsync-wake-{next(_wake_ids)}-{uuid.uuid4().hex}"
+            self._stopping.clear()
+            ready: Future[None] = Future()
+            self._thread = threading.Thread(
+                target=self._run, args=(ready,), name="kvsync-io", daemon=True
+            )
+            self._thread.start()
+        try:
+            ready.result(10)
+        except BaseException as e:
+            with contextlib.suppress(RuntimeError):
+                self.stop()
+            if isinstance(e, TimeoutError):
+                raise RuntimeError("kvsync I/O thread did not start within 10 s") from e
+            raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the I/O thread and close every socket. Holdings stay in the
         index (save it, or remove pods first to purge them)."""
-        if self._thread is None:
+        thread = self._thread
+        if thread is None:
             return
         self._stopping.set()
         self._wake()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        thread.join(timeout)
+        if thread.is_alive():
             raise RuntimeError(f"kvsync I/O thread did not stop within {timeout} s")
-        self._thread = None
-        if self._wake_send is not None:
-            self._wake_send.close(linger=0)
-            self._wake_send = None
-        for wid in self._streams.workers():
-            self._streams.stop(wid)
+        with self._lock:
+            self._thread = None
+            with self._wake_lock:
+                if self._wake_send is not None:
+                    self._wake_send.close(linger=0)
+                    self._wake_send = None
+            if self._own_ctx and self._ctx is not None:
+                # Every socket is closed by now; destroy() rather than term()
+                # so that a leak could never hang stop().
+                self._ctx.destroy(linger=0)
+                self._ctx = None
+            for wid in self._streams.workers():
+                self._streams.stop(wid)
 
     def __enter__(self) -> EventManager:
         return self.start()
@@ -182,48 +238,113 @@ class EventManager:
     # ------------------------------------------------- command plumbing
 
     def _call(self, fn: Callable[[], None], timeout: float = 30.0) -> None:
-        if self._thread is None:
-            fn()  # not running: sockets are created on start
-            return
-        done = threading.Event()
-        self._commands.put((fn, done))
+        """Run ``fn`` on the I/O thread (or here when it is not running);
+        its own exception, and no other command's, is raised here."""
+        fut: Future[None] = Future()
+        with self._lock:
+            if not self._accepting:
+                fn()  # not running: sockets are created on start
+                return
+            self._commands.put((fn, fut))
         self._wake()
-        if not done.wait(timeout):
-            raise TimeoutError("kvsync I/O thread did not answer")
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        try:
+            fut.result(timeout)
+        except TimeoutError:
+            if fut.done():
+                raise  # the command itself raised TimeoutError
+            raise TimeoutError(f"kvsync I/O thread did not answer within {timeout} s") from None
 
     def _wake(self) -> None:
         with self._wake_lock:
+            if self._ctx is None:
+                return
             if self._wake_send is None:
                 self._wake_send = self._ctx.socket(zmq.PUSH)
+                self._wake_send.setsockopt(zmq.LINGER, 0)
                 self._wake_send.connect(self._wake_addr)
             with contextlib.suppress(zmq.Again):
                 self._wake_send.send(b"", zmq.NOBLOCK)
 
-    # ---------------------------------------------------- I/O thread side
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fn()
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+    # ---------------------------------------------------- pods (either side)
 
     def _add_pod(self, pod: Pod) -> None:
         old = self._pods.get(pod.name)
+        if old == pod:
+            return
+        wids = pod.workers()
+        for wid, _ in wids:
+            other = self._workers.get(wid)
+            if other is not None and other.pod.name != pod.name:
+                raise ValueError(
+                    f"pod {pod.name!r} would follow worker {wid!r}, which pod "
+                    f"{other.pod.name!r} already follows; give one of them another name"
+                )
+        for wid, _ in wids:
+            model = self._indexed_model(wid)
+            followed_by_old = old is not None and any(wid == w for w, _ in old.workers())
+            if model is not None and model != pod.model and not followed_by_old:
+                raise ValueError(
+                    f"pod {pod.name!r}: worker {wid!r} is in the index for model "
+                    f"{model!r}, not {pod.model!r}"
+                )
+        total = len(self._workers) + len(wids) - (len(old.workers()) if old else 0)
+        _limits.check(total, f"add_pod({pod.name!r})", self._ctx)
         if old is not None:
-            if old == pod:
-                return
             self._remove_pod(pod.name)
-        self._pods[pod.name] = pod
-        for wid, rank in pod.workers():
-            w = _Worker(wid, pod, rank)
-            self._workers[wid] = w
-            self._streams.add(
-                wid,
-                pod.model,
-                replay=pod.replay_port is not None,
-                replay_timeout=self.replay_timeout,
-                clean_secs=self.clean_secs,
-                max_buffered=self.max_buffered,
-            )
-            if self._thread is not None:
-                self._open(w)
+        workers = [Worker(wid, pod, rank) for wid, rank in wids]
+        added: list[Worker] = []
+        try:
+            if self._io_running:
+                for w in workers:
+                    added.append(w)
+                    self._open(w)
+            for w in workers:
+                self._streams.add(w.wid, pod.model, **self._stream_options(pod))
+                self._workers[w.wid] = w
+            self._pods[pod.name] = pod
+        except BaseException:
+            # Leave nothing behind: no socket, no stream, no listed pod.
+            for w in added:
+                self._close(w)
+            for w in workers:
+                if self._workers.pop(w.wid, None) is not None:
+                    self._streams.remove(w.wid)
+            raise
+
+    def _indexed_model(self, wid: str) -> str | None:
+        """The model ``wid`` is registered for in the index, if it is (one
+        lookup: ``Index.workers()`` would make adding N pods O(N**2))."""
+        try:
+            model: str = self.index.worker_stats(wid)["model"]
+        except KeyError:
+            return None
+        return model
+
+    def _stream_options(self, pod: Pod) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "replay": pod.replay_port is not None,
+            "replay_timeout": self.replay_timeout,
+            "clean_secs": self.clean_secs,
+            "max_buffered": self.max_buffered,
+        }
+        if _CORE_KNOWS_DISCONNECTS:
+            opts["dead_after"] = self.dead_after
+        return opts
 
     def _remove_pod(self, name: str) -> None:
         pod = self._pods.pop(name, None)
@@ -235,95 +356,160 @@ class EventManager:
                 self._close(w)
             self._streams.remove(wid)
 
-    def _open(self, w: _Worker) -> None:
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 0)
-        # A steady 100 ms retry (no exponential back-off): a restarted engine
-        # is reconnected to, and probed, within ~0.1 s of binding again.
-        sub.setsockopt(zmq.RECONNECT_IVL, 100)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        w.monitor = sub.get_monitor_socket(_MONITOR_EVENTS)
-        sub.connect(w.pod.endpoint(w.pod.pub_port, w.rank))
-        w.sub = sub
-        self._poller.register(sub, zmq.POLLIN)
-        self._poller.register(w.monitor, zmq.POLLIN)
+    # ---------------------------------------------------- I/O thread side
+
+    def _open(self, w: Worker) -> None:
+        assert self._ctx is not None
+        sub = w.open_sub(self._ctx, self._options)
+        assert w.monitor is not None
         self._by_socket[sub] = ("sub", w)
         self._by_socket[w.monitor] = ("monitor", w)
+        self._ready.add(sub)
+        self._ready.add(w.monitor)
 
-    def _close(self, w: _Worker) -> None:
+    def _close(self, w: Worker) -> None:
         for sock in (w.sub, w.monitor, w.dealer):
             if sock is None:
                 continue
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(sock)
+            self._ready.discard(sock)
             self._by_socket.pop(sock, None)
-        if w.sub is not None:
+        if w.sub is not None and w.monitor is not None:
             with contextlib.suppress(zmq.ZMQError):
                 w.sub.disable_monitor()
         for sock in (w.monitor, w.sub, w.dealer):
             if sock is not None:
                 sock.close(linger=0)
         w.sub = w.monitor = w.dealer = None
+        w.connected_once = w.up = False
 
-    def _request_replay(self, w: _Worker, start: int) -> None:
-        if w.pod.replay_port is None:
-            return
+    def _drop_dealer(self, w: Worker) -> None:
         if w.dealer is not None:
-            self._poller.unregister(w.dealer)
+            self._ready.discard(w.dealer)
             self._by_socket.pop(w.dealer, None)
             w.dealer.close(linger=0)
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
-        # No receive limit: a ROUTER drops what does not fit the pipe, and a
-        # long replay must arrive whole (the pipe's room is the sum of both
-        # sides' high-water marks).
-        dealer.setsockopt(zmq.RCVHWM, 0)
-        dealer.connect(w.pod.endpoint(w.pod.replay_port, w.rank))
-        dealer.send_multipart([b"", start.to_bytes(8, "big")])
-        w.dealer = dealer
-        self._poller.register(dealer, zmq.POLLIN)
+            w.dealer = None
+
+    def _request_replay(self, w: Worker, start: int) -> None:
+        if w.pod.replay_port is None or w.lost:
+            return
+        self._drop_dealer(w)
+        assert self._ctx is not None
+        dealer = w.open_dealer(self._ctx, self._options, start)
         self._by_socket[dealer] = ("dealer", w)
+        self._ready.add(dealer)
         log.debug("%s: replay requested from %d", w.wid, start)
 
-    def _follow(self, w: _Worker, start: int | None) -> None:
+    def _follow(self, w: Worker, start: int | None) -> None:
         if start is not None:
             self._request_replay(w, start)
 
-    def _run(self, ready: threading.Event) -> None:
-        wake = self._ctx.socket(zmq.PULL)
-        wake.bind(self._wake_addr)
-        self._poller = zmq.Poller()
-        self._poller.register(wake, zmq.POLLIN)
+    def _run(self, ready: Future[None]) -> None:
+        assert self._ctx is not None
+        wake: zmq.Socket[bytes] | None = None
         try:
+            wake = self._ctx.socket(zmq.PULL)
+            wake.setsockopt(zmq.LINGER, 0)
+            wake.bind(self._wake_addr)
+            self._ready = Readiness()
+            self._ready.add(wake)
+            self._io_running = True
             for w in self._workers.values():
                 self._open(w)
-            ready.set()
-            while not self._stopping.is_set():
-                events = dict(self._poller.poll(self.poll_ms))
-                now = time.monotonic()
-                if wake in events:
-                    self._drain(wake)
-                    self._run_commands()
-                for sock in list(events):
-                    entry = self._by_socket.get(sock)
-                    if entry is not None:
-                        self._on_readable(entry[0], entry[1], now)
-                for wid, start in self._streams.tick(time.monotonic()):
-                    due = self._workers.get(wid)
-                    if due is not None:
-                        self._request_replay(due, start)
+            with self._lock:
+                self._accepting = True
+        except BaseException as e:
+            self._shutdown(wake)
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        try:
+            self._loop(wake)
         except BaseException:
-            log.exception("kvsync I/O thread failed")
-            raise
+            log.exception("kvsync I/O thread failed; pods are no longer followed")
         finally:
+            self._shutdown(wake)
+
+    def _shutdown(self, wake: zmq.Socket[bytes] | None) -> None:
+        with self._lock:
+            # From here on commands run in their caller's thread; answer the
+            # ones already queued the same way.
+            self._accepting = False
+            self._io_running = False
             for w in list(self._workers.values()):
                 self._close(w)
-            wake.close(linger=0)
+            if wake is not None:
+                self._ready.discard(wake)
+                wake.close(linger=0)
+            self._ready.close()
             self._run_commands()
+
+    def _loop(self, wake: zmq.Socket[bytes]) -> None:
+        while not self._stopping.is_set():
+            ready = self._ready.wait(self.poll_ms / 1000)
+            now = time.monotonic()
+            if wake in ready:
+                self._drain(wake)
+                self._ready.recheck(wake)
+                self._run_commands()
+            # Connection events, then live messages, then replay replies: the
+            # stream must hear of a (re)connect before what came over it, and
+            # a batch zmq already took off the live connection must reach it
+            # before a replay reply that may hold it too (a live copy after
+            # the replay's end looks like an engine restart).
+            ready.sort(key=lambda sock: _ORDER.get(self._by_socket.get(sock, ("",))[0], 3))
+            for sock in ready:
+                entry = self._by_socket.get(sock)
+                if entry is not None:  # (not closed by a command or handler)
+                    self._on_readable(entry[0], entry[1], now)
+                    self._ready.recheck(sock)
+            self._tick(time.monotonic())
+
+    def _watch_reconnects(self, now: float) -> None:
+        """libzmq does not reconnect after a protocol error (a message over
+        ``max_message_bytes``, a garbled frame): a connection that stays
+        down longer than two heartbeat timeouts is made again from scratch,
+        then after twice as long each time (up to a minute), so that a fleet
+        of engines that are simply gone does not churn sockets."""
+        if now < self._next_watch:
+            return
+        self._next_watch = now + 1.0
+        for wid, (due, wait) in list(self._down.items()):
+            w = self._workers.get(wid)
+            if w is None or w.up or w.lost or w.sub is None:
+                self._down.pop(wid, None)
+                continue
+            if now >= due:
+                log.warning(
+                    "%s: no reconnect after a disconnect (an engine that is down, or a "
+                    "message over max_message_bytes=%d); connecting again",
+                    wid,
+                    self.max_message_bytes,
+                )
+                dealer, w.dealer = w.dealer, None  # a replay under way goes on
+                self._close(w)
+                w.dealer = dealer
+                w.connected_once = True  # the next connect is a reconnect
+                self._open(w)
+                self._down[wid] = (now + wait, min(2 * wait, 60.0))
+
+    def _tick(self, now: float) -> None:
+        self._watch_reconnects(now)
+        try:
+            due = self._streams.tick(now)
+        except KeyError:
+            # tick() stops at the first worker the index no longer knows.
+            known = self.index.workers()
+            for w in list(self._workers.values()):
+                if w.wid not in known and not w.lost:
+                    self._lose(w)
+            return
+        for wid, start in due:
+            worker = self._workers.get(wid)
+            if worker is not None:
+                try:
+                    self._request_replay(worker, start)
+                except Exception:
+                    log.exception("%s: cannot request a replay", wid)
 
     @staticmethod
     def _drain(sock: zmq.Socket[bytes]) -> None:
@@ -331,20 +517,22 @@ class EventManager:
             while True:
                 sock.recv(zmq.NOBLOCK)
 
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, done = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                fn()
-            except BaseException as e:
-                self._error = e
-            finally:
-                done.set()
+    def _lose(self, w: Worker) -> None:
+        """The index no longer knows a followed worker (someone called
+        ``Index.remove_worker``): say so once and stop feeding it, rather
+        than failing on every message from now on."""
+        log.error(
+            "%s: the index no longer has this worker; its sockets are closed "
+            "(remove pod %r and add it again to follow it)",
+            w.wid,
+            w.pod.name,
+        )
+        self._close(w)
+        w.lost = True
+        with contextlib.suppress(Exception):
+            self._streams.stop(w.wid)
 
-    def _on_readable(self, kind: str, w: _Worker, now: float) -> None:
+    def _on_readable(self, kind: str, w: Worker, now: float) -> None:
         # One worker's trouble must not stop the others: log and go on.
         try:
             if kind == "sub":
@@ -353,6 +541,11 @@ class EventManager:
                 self._on_dealer(w, now)
             else:
                 self._on_monitor(w, now)
+        except KeyError:
+            if w.wid not in self.index.workers():
+                self._lose(w)
+            else:
+                log.exception("%s: error while handling %s socket", w.wid, kind)
         except Exception:
             log.exception("%s: error while handling %s socket", w.wid, kind)
 
@@ -365,8 +558,12 @@ class EventManager:
             except zmq.Again:
                 return
 
-    def _on_sub(self, w: _Worker, now: float) -> None:
-        assert w.sub is not None
+    def _on_sub(self, w: Worker, now: float) -> None:
+        if not w.up:
+            # Data from a connection whose handshake event is still queued.
+            self._on_monitor(w, now)
+        if w.sub is None:
+            return
         # Everything queued for this worker goes to the index in one call.
         batch: list[tuple[bytes, bytes]] = []
         for frames in self._frames(w.sub):
@@ -377,7 +574,7 @@ class EventManager:
         if batch:
             self._follow(w, self._streams.live_many(w.wid, batch, now))
 
-    def _on_dealer(self, w: _Worker, now: float) -> None:
+    def _on_dealer(self, w: Worker, now: float) -> None:
         sock = w.dealer
         if sock is None:
             return
@@ -395,31 +592,36 @@ class EventManager:
             if seq == END_SEQ and not payload:
                 start = self._streams.replay_end(w.wid, now)
                 if start is None and w.dealer is sock:
-                    self._poller.unregister(sock)
-                    self._by_socket.pop(sock, None)
-                    sock.close(linger=0)
-                    w.dealer = None
+                    self._drop_dealer(w)
                 self._follow(w, start)
                 return
             self._follow(w, self._streams.replayed(w.wid, seq, payload, now))
 
-    def _on_monitor(self, w: _Worker, now: float) -> None:
-        assert w.monitor is not None
-        while True:
+    def _on_monitor(self, w: Worker, now: float) -> None:
+        while w.monitor is not None:
             try:
                 msg = recv_monitor_message(w.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             event = msg["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                w.disconnected = True
+            if event == zmq.EVENT_DISCONNECTED and w.up:
+                w.up = False
+                wait = max(1.0, 2 * self.heartbeat_timeout)
+                self._down[w.wid] = (now + wait, wait)
                 log.info("%s: publisher disconnected", w.wid)
-            elif event == zmq.EVENT_CONNECTED:
+                # getattr until the core of the `stream` branch is merged
+                report = getattr(self._streams, "disconnected", None)
+                if report is not None:
+                    report(w.wid, now)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                w.up = True
+                self._down.pop(w.wid, None)
                 if not w.connected_once:
+                    w.connected_once = True
                     # Subscribed and connected: now fetch the history.
                     self._follow(w, self._streams.start(w.wid, now))
-                elif w.disconnected:
+                else:
+                    # Every reconnect: the engine may have restarted. The
+                    # core defers the probe if a replay is under way.
                     log.info("%s: publisher reconnected, probing for a restart", w.wid)
                     self._follow(w, self._streams.reconnected(w.wid, now))
-                w.connected_once = True
-                w.disconnected = False
