@@ -116,6 +116,8 @@ class ApplyStats:
     ignored: int
     unknown_removals: int
     unknown_events: int
+    block_size_mismatch: int
+    """Stored blocks whose block size disagreed with the model's (in ``ignored`` too)."""
     def to_dict(self) -> dict[str, int]: ...
 
 @final
@@ -129,7 +131,9 @@ class Index:
         """
 
     def add_worker(self, worker_id: str, model: str) -> None: ...
-    def remove_worker(self, worker_id: str) -> bool: ...
+    def remove_worker(self, worker_id: str) -> bool:
+        """Remove a worker and its holdings; False if unknown. A worker an
+        EventManager follows raises WorkerBusyError (remove its pod)."""
     def purge_worker(self, worker_id: str) -> bool:
         """Drop everything the worker holds (it stays registered); False if unknown."""
 
@@ -176,8 +180,10 @@ class Index:
     def check(self) -> None:
         """Check every internal invariant; raises InvariantError if one is broken."""
 
-    def save(self, path: str | PathLike[str]) -> None:
-        """Write a snapshot atomically; FileError (an OSError) names the path on failure."""
+    def save(self, path: str | PathLike[str]) -> int:
+        """Write a snapshot atomically (unique temp file beside it, fsync,
+        rename, directory fsync) and return its size in bytes; FileError (an
+        OSError) names the path on failure and the old file stays intact."""
 
     @staticmethod
     def load(path: str | PathLike[str]) -> Index: ...
@@ -223,10 +229,13 @@ class WorkerStatus:
 
     worker: str
     state: str
+    """connecting, replaying, live, degraded, disconnected or stopped."""
     last_seq: int | None
     batches: int
     events: int
     gaps: int
+    dropped: int
+    """Live seqs that never arrived on the live stream."""
     replays: int
     lost_batches: int
     resets: int
@@ -234,13 +243,20 @@ class WorkerStatus:
     duplicates: int
     purges: int
     timeouts: int
+    abandoned: int
+    overflows: int
+    disconnects: int
     buffered: int
+    buffered_bytes: int
     seconds_since_last_event: float | None
+    seconds_disconnected: float | None
     def to_dict(self) -> dict[str, Any]: ...
 
 @final
 class Streams:
-    """Stream state machines of a set of workers, applying into one index."""
+    """The event streams the index follows, one per worker (the transport
+    reports what its sockets receive; each input returns the seq to request
+    a replay from, or None). Unknown workers raise UnknownWorkerError."""
 
     def __new__(cls, index: Index) -> Streams: ...
     def add(
@@ -251,6 +267,10 @@ class Streams:
         replay_timeout: float = 2.0,
         clean_secs: float = 10.0,
         max_buffered: int = 100_000,
+        max_buffered_bytes: int = 268_435_456,
+        dead_after: float = 10.0,
+        idle_probe: float = 3.0,
+        replay_max: float = 30.0,
     ) -> None: ...
     def start(self, worker_id: str, now: float) -> int | None: ...
     def remove(self, worker_id: str) -> bool: ...
@@ -262,6 +282,7 @@ class Streams:
     def replayed(self, worker_id: str, seq: bytes, payload: bytes, now: float) -> int | None: ...
     def replay_end(self, worker_id: str, now: float) -> int | None: ...
     def reconnected(self, worker_id: str, now: float) -> int | None: ...
+    def disconnected(self, worker_id: str, now: float) -> None: ...
     def tick(self, now: float) -> list[tuple[str, int]]: ...
     def stop(self, worker_id: str) -> None: ...
     def status(self, now: float) -> dict[str, WorkerStatus]: ...

@@ -48,10 +48,6 @@ log = logging.getLogger("kvsync.transport")
 END_SEQ = b"\xff" * 8
 _wake_ids = itertools.count()
 _ORDER = {"monitor": 0, "sub": 1, "dealer": 2}
-# Streams.disconnected and the dead_after/... keywords of Streams.add come
-# with the core of the `stream` branch; until it is merged, an engine that
-# disappears is only logged.
-_CORE_KNOWS_DISCONNECTS = hasattr(Streams, "disconnected")
 
 
 _Command = tuple[Callable[[], None], "Future[None]"]
@@ -67,7 +63,11 @@ class EventManager:
 
     Liveness: ``heartbeat_ivl``/``heartbeat_timeout`` (seconds) are the ZMTP
     heartbeat period and the silence after which a connection is dropped;
-    a worker whose publisher stays gone ``dead_after`` s is purged.
+    a worker whose publisher stays gone ``dead_after`` s is purged. A worker
+    silent for ``idle_probe`` s is probed (then at doubling intervals) so a
+    lost tail of a burst is found; a replay may last ``replay_max`` s in all.
+    While a replay runs, live messages wait in a buffer of at most
+    ``max_buffered`` messages and ``max_buffered_bytes`` bytes.
 
     Memory: each worker's SUB socket queues at most ``rcvhwm`` messages and
     refuses messages larger than ``max_message_bytes`` (the connection is
@@ -95,6 +95,9 @@ class EventManager:
         heartbeat_ivl: float = 1.0,
         heartbeat_timeout: float = 3.0,
         dead_after: float = 10.0,
+        idle_probe: float = 3.0,
+        replay_max: float = 30.0,
+        max_buffered_bytes: int = 256 << 20,
         rcvhwm: int = 10_000,
         max_message_bytes: int = 64 << 20,
     ) -> None:
@@ -116,6 +119,9 @@ class EventManager:
         self.heartbeat_ivl = heartbeat_ivl
         self.heartbeat_timeout = heartbeat_timeout
         self.dead_after = dead_after
+        self.idle_probe = idle_probe
+        self.replay_max = replay_max
+        self.max_buffered_bytes = max_buffered_bytes
         self.rcvhwm = rcvhwm
         self.max_message_bytes = max_message_bytes
         self._options = SocketOptions(
@@ -341,9 +347,11 @@ class EventManager:
             "replay_timeout": self.replay_timeout,
             "clean_secs": self.clean_secs,
             "max_buffered": self.max_buffered,
+            "max_buffered_bytes": self.max_buffered_bytes,
+            "dead_after": self.dead_after,
+            "idle_probe": self.idle_probe,
+            "replay_max": self.replay_max,
         }
-        if _CORE_KNOWS_DISCONNECTS:
-            opts["dead_after"] = self.dead_after
         return opts
 
     def _remove_pod(self, name: str) -> None:
@@ -609,10 +617,7 @@ class EventManager:
                 wait = max(1.0, 2 * self.heartbeat_timeout)
                 self._down[w.wid] = (now + wait, wait)
                 log.info("%s: publisher disconnected", w.wid)
-                # getattr until the core of the `stream` branch is merged
-                report = getattr(self._streams, "disconnected", None)
-                if report is not None:
-                    report(w.wid, now)
+                self._streams.disconnected(w.wid, now)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 w.up = True
                 self._down.pop(w.wid, None)
@@ -622,6 +627,6 @@ class EventManager:
                     self._follow(w, self._streams.start(w.wid, now))
                 else:
                     # Every reconnect: the engine may have restarted. The
-                    # core defers the probe if a replay is under way.
+                    # core probes at once, even if a replay is under way.
                     log.info("%s: publisher reconnected, probing for a restart", w.wid)
                     self._follow(w, self._streams.reconnected(w.wid, now))

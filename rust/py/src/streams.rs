@@ -54,7 +54,7 @@ impl Streams {
     /// connected. Raises ValueError if the worker is already followed.
     #[pyo3(signature = (
         worker_id, model, replay=true, replay_timeout=2.0, clean_secs=10.0, max_buffered=100_000,
-        max_buffered_bytes=256 << 20, dead_after=10.0, idle_probe=3.0, replay_max=30.0
+        max_buffered_bytes=268_435_456, dead_after=10.0, idle_probe=3.0, replay_max=30.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn add(
