@@ -221,7 +221,7 @@ def test_mixed_readers_and_writers_answer_consistently() -> None:
 
 BLOCKED_READER = textwrap.dedent(
     """
-    import os, sys, tempfile, threading, time
+    import threading, time
     import msgpack, kvsync
 
     n = 20000
@@ -230,34 +230,50 @@ BLOCKED_READER = textwrap.dedent(
     ev = {"type": "BlockStored", "block_hashes": list(range(1, n + 1)),
           "parent_block_hash": None, "token_ids": list(range(4 * n)), "block_size": 4,
           "lora_id": None, "medium": "GPU", "lora_name": None}
-    ix.apply("w", msgpack.packb([0.0, [ev], None]))
-    d = tempfile.mkdtemp()
-    # save writes to <name>.tmp: make that a pipe nobody drains yet, so the
-    # saving thread blocks inside the index's read lock
-    os.mkfifo(os.path.join(d, "snap.tmp"))
-    rfd = os.open(os.path.join(d, "snap.tmp"), os.O_RDONLY | os.O_NONBLOCK)
-    saver = threading.Thread(target=ix.save, args=(os.path.join(d, "snap.kvs"),), daemon=True)
-    saver.start()
-    import select
-    assert select.select([rfd], [], [], 30)[0], "save never started writing"
-    # a writer now queues behind the save, so new readers must wait too
-    remover = threading.Thread(target=ix.remove_worker, args=("w",), daemon=True)
-    remover.start()
-    time.sleep(0.3)
+    clear = {"type": "AllBlocksCleared"}
+    # one long write: store and clear 20,000 blocks, many times, under one lock
+    payloads = [msgpack.packb([float(i), [ev, clear], None]) for i in range(150)]
+    writing = threading.Event()
 
-    def drain():
-        time.sleep(0.5)
-        os.set_blocking(rfd, True)
-        while os.read(rfd, 1 << 16):
-            pass
+    def writer():
+        writing.set()
+        ix.apply_many("w", payloads)
 
-    threading.Thread(target=drain, daemon=True).start()
-    # waits for the lock: must not hold the interpreter, or drain never runs
-    ix.stats()
-    saver.join(30)
-    remover.join(30)
-    assert not saver.is_alive() and not remover.is_alive()
-    assert ix.workers() == {}
+    # the longest stretch the counter thread went without running, since
+    # the last reset
+    gap = [0.0]
+    stop = threading.Event()
+
+    def counter():
+        prev = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            gap[0] = max(gap[0], now - prev)
+            prev = now
+
+    w = threading.Thread(target=writer, daemon=True)
+    c = threading.Thread(target=counter, daemon=True)
+    w.start()
+    writing.wait(30)
+    time.sleep(0.01)
+    c.start()
+    waited = []
+    for _ in range(200):
+        if not w.is_alive():
+            break
+        gap[0] = 0.0
+        t0 = time.monotonic()
+        ix.stats()  # waits for the writer: must not hold the interpreter
+        took = time.monotonic() - t0
+        if took > 0.2:
+            # other threads ran while this one waited for the lock
+            waited.append((took, gap[0]))
+    stop.set()
+    w.join(60)
+    assert not w.is_alive()
+    assert waited, "stats() never had to wait: the test proved nothing"
+    for took, longest in waited:
+        assert longest < took / 2, f"other threads froze {longest:.3f} s of a {took:.3f} s wait"
     print("ok")
     """
 )

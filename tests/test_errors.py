@@ -91,11 +91,6 @@ def test_decode_error_carries_the_core_error_fields(index: kvsync.Index) -> None
         assert getattr(back, attr) == getattr(e, attr), attr
 
 
-@pytest.mark.xfail(
-    reason="the core decoder does not fill event/field/offset yet (structured wire errors, "
-    "rust/core/src/wire.rs, another branch); strict: remove this mark when it lands",
-    strict=True,
-)
 def test_decode_error_says_which_event_and_field(index: kvsync.Index) -> None:
     with pytest.raises(kvsync.DecodeError) as info:
         index.apply("pod-a", payload(stored([1], "oops")))

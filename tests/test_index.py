@@ -288,6 +288,7 @@ def test_apply_stats_compare_print_and_convert_by_value(index: kvsync.Index) -> 
         "ignored",
         "unknown_removals",
         "unknown_events",
+        "block_size_mismatch",
     ]
 
 

@@ -82,6 +82,8 @@ impl Index {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
+        // Its own error first: it carries the OS code (tempfile's does not).
+        std::fs::metadata(dir).map_err(|e| io_error(path, "cannot save: its directory", e))?;
         let mut builder = tempfile::Builder::new();
         let prefix = format!(".{}.", name.to_string_lossy());
         builder.prefix(&prefix).suffix(".part");
@@ -92,25 +94,27 @@ impl Index {
             builder.permissions(std::fs::Permissions::from_mode(0o644));
         }
         // Dropping `tmp` on any error below removes the temp file.
-        let tmp = builder.tempfile_in(dir).map_err(|e| io_error(path, "cannot create a temp file beside it", e))?;
+        let tmp = builder.tempfile_in(dir).map_err(|e| io_error(path, "cannot save: no temp file beside it", e))?;
         let file = tmp.as_file();
         let mut out = BufWriter::new(file);
         let mut kept = KeepError { inner: &mut out, error: None };
         if let Err(e) = write(self, &mut kept) {
             return Err(match kept.error.take() {
                 // The file's own error (disk full, ...), with its errno.
-                Some(io) => io_error(path, "cannot write snapshot", io),
-                None => io_error(path, "cannot write snapshot", e),
+                Some(io) => io_error(path, "cannot save: write failed", io),
+                None => io_error(path, "cannot save: write failed", e),
             });
         }
-        out.flush().map_err(|e| io_error(path, "cannot write snapshot", e))?;
+        out.flush().map_err(|e| io_error(path, "cannot save: write failed", e))?;
         drop(out);
-        file.sync_all().map_err(|e| io_error(path, "cannot sync snapshot", e))?;
-        let bytes = file.metadata().map_err(|e| io_error(path, "cannot stat snapshot", e))?.len();
-        tmp.persist(path).map_err(|e| io_error(path, "cannot rename the temp file over it", e.error))?;
+        file.sync_all().map_err(|e| io_error(path, "cannot save: fsync failed", e))?;
+        let bytes = file.metadata().map_err(|e| io_error(path, "cannot save: stat failed", e))?.len();
+        tmp.persist(path).map_err(|e| io_error(path, "cannot save: rename over it failed", e.error))?;
         // The rename is durable only once the directory entry is.
         #[cfg(unix)]
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(path, "cannot sync its directory", e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(path, "cannot save: directory fsync failed", e))?;
         Ok(bytes)
     }
 

@@ -126,7 +126,9 @@ impl Stream {
                     }
                     self.counters.duplicates += 1;
                     // Continuity confirmed; what follows are new batches.
-                    self.replay = Some(super::Replay { pending: Pending::Fill { from: want + 1 }, ..r });
+                    // (Not progress enough to ask again if nothing follows.)
+                    self.replay =
+                        Some(super::Replay { pending: Pending::Fill { from: want + 1 }, progressed: false, ..r });
                     return Ok(Todo::NONE);
                 }
                 Pending::Fill { from } => {

@@ -226,7 +226,8 @@ struct Replay {
     deadline: f64,
     /// A reply at or after the requested seq has arrived.
     started: bool,
-    /// Something was applied or confirmed since the request.
+    /// Something was applied since the request (a re-ask after silence
+    /// is worth it only then).
     progressed: bool,
 }
 
