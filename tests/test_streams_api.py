@@ -64,7 +64,7 @@ def test_the_index_refuses_to_change_a_followed_worker(
         lambda: index.purge_worker("w"),
         lambda: index.apply("w", chain(3), seq=3),
     ):
-        with pytest.raises(RuntimeError, match="followed"):
+        with pytest.raises(kvsync.WorkerBusyError, match="followed"):
             call()
     assert depth(index) == 3
     # the stream keeps working, and removing it through the stream works
@@ -78,7 +78,7 @@ def test_the_index_refuses_to_change_a_followed_worker(
 
 def test_a_worker_id_is_followed_once(followed: tuple[kvsync.Index, Streams]) -> None:
     _, streams = followed
-    with pytest.raises(ValueError, match="already followed"):
+    with pytest.raises(kvsync.AlreadyFollowedError, match="already followed"):
         streams.add("w", "m")
 
 
