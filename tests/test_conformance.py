@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 import kvsync
@@ -19,6 +20,9 @@ from .conftest import MISSING_SHARED, WIRE, load_manifest
 _MANIFEST = load_manifest()
 CASES = _MANIFEST["cases"] if _MANIFEST else []
 FRAME_FILES = _MANIFEST["frames"] if _MANIFEST else []
+# The protocol's field names, spelled out here on purpose, independently of
+# the implementation (kvsync._core.EVENT_FIELDS, defined once in the core's
+# decoder): test_the_core_exposes_exactly_the_protocols_fields checks the two.
 ALL_FIELDS = (
     "block_hashes",
     "parent_block_hash",
@@ -38,6 +42,23 @@ ALL_FIELDS = (
     "cache_salt",
     "metadata",
 )
+
+
+def test_the_core_exposes_exactly_the_protocols_fields() -> None:
+    from kvsync import _core
+
+    assert _core.EVENT_FIELDS == ALL_FIELDS
+    assert _core.EVENT_TYPES == ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+    stored = {
+        "type": "BlockStored",
+        "block_hashes": [1],
+        "parent_block_hash": None,
+        "token_ids": [1, 2],
+        "block_size": 2,
+    }
+    (ev,) = kvsync.decode(msgpack.packb([0.0, [stored], None])).events
+    assert all(hasattr(ev, f) for f in _core.EVENT_FIELDS)
+
 
 pytestmark = pytest.mark.skipif(_MANIFEST is None, reason=MISSING_SHARED)
 

@@ -7,6 +7,8 @@ from typing import Any, TypedDict, final
 from typing_extensions import Buffer
 
 __all__ = [
+    "EVENT_FIELDS",
+    "EVENT_TYPES",
     "AlreadyFollowedError",
     "ApplyStats",
     "Batch",
@@ -27,6 +29,10 @@ __all__ = [
 ]
 
 __version__: str
+EVENT_FIELDS: tuple[str, ...]
+"""Every field name a decoded ``Event`` exposes (the protocol's, defined once in the core)."""
+EVENT_TYPES: tuple[str, ...]
+"""The event type tags the decoder knows."""
 
 TokenIds = Sequence[int] | Buffer
 ExtraKeys = Sequence[Sequence[Any] | None]

@@ -1,5 +1,6 @@
 //! `decode`: one payload as Python `Batch` and `Event` objects.
 
+use kvsync_core::wire::EVENT_FIELDS;
 use kvsync_core::wire::{self, EngineHash, Event as CoreEvent, Mode, Value};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -30,33 +31,13 @@ pub(crate) struct Event {
     metadata: Option<Py<PyAny>>,
 }
 
-pub(crate) const EVENT_FIELDS: [&str; 17] = [
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-    "lora_name",
-    "extra_keys",
-    "group_idx",
-    "kv_cache_spec_kind",
-    "kv_cache_spec_sliding_window",
-    "locality",
-    "ownership",
-    "session_id",
-    "lookahead_token_ids",
-    "cache_salt",
-    "metadata",
-];
-
 #[pymethods]
 impl Event {
     /// `{"type": ..., field: value}` with the fields that are not None.
     fn to_dict<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(slf.py());
         d.set_item("type", &slf.get().r#type)?;
-        for f in EVENT_FIELDS {
+        for &f in EVENT_FIELDS {
             let v = slf.getattr(f)?;
             if !v.is_none() {
                 d.set_item(f, v)?;

@@ -33,6 +33,9 @@ use streams::Streams;
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The protocol's field names, defined once in the core's decoder.
+    m.add("EVENT_FIELDS", pyo3::types::PyTuple::new(m.py(), kvsync_core::wire::EVENT_FIELDS)?)?;
+    m.add("EVENT_TYPES", pyo3::types::PyTuple::new(m.py(), kvsync_core::wire::EVENT_TYPES)?)?;
     errors::add_to_module(m)?;
     m.add_class::<Index>()?;
     m.add_class::<ApplyStats>()?;
