@@ -328,6 +328,8 @@ def bulk_workload(
 
 # ------------------------------------------------------- holdings (10M scale)
 
+# Pre-packed msgpack keys of the protocol, spelled as an engine writes them
+# (the bench encodes payloads itself, independently of kvsync's decoder).
 _K = {
     k: msgpack.packb(k)
     for k in (

@@ -186,6 +186,10 @@ class BlockPool:
         return [list(t) for t in self.blocks.values()]
 
 
+# The engine's side of the protocol, spelled out as vLLM's encoder writes it
+# (positional order of the array form), independently of kvsync's decoder on
+# purpose: the simulator is a second implementation the decoder is tested
+# against.
 ARRAY_FIELDS = {
     "BlockStored": [
         "block_hashes",
