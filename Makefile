@@ -49,3 +49,15 @@ fuzz: ## long proptest runs: decoder and index fuzz, stream model (FUZZ_CASES=..
 .PHONY: ci
 ci: ## what CI runs
 	bash .ci/run
+
+.PHONY: mutants
+mutants: ## mutation testing of the stream, holders and index modules (cargo-mutants; long)
+	cargo mutants -p kvsync-core --no-shuffle -j 1 \
+		-f 'rust/core/src/stream/*.rs' -f rust/core/src/holders.rs -f 'rust/core/src/index/*.rs' \
+		-e 'rust/core/src/**/tests.rs' -e rust/core/src/index/testutil.rs
+
+.PHONY: coverage
+coverage: ## line coverage: Rust core (cargo-tarpaulin) and Python (pytest-cov, subprocesses included)
+	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --out Stdout --engine ptrace
+	$(PYTHON) -m pytest --cov --cov-report=term-missing
+
