@@ -90,6 +90,7 @@ class Worker:
     model: str
     emap: dict[tuple[int, Any], Key] = field(default_factory=dict)
     hold: dict[Key, set[str]] = field(default_factory=dict)
+    last_seq: int | None = None
 
     def resolve(self, gh: tuple[int, Any]) -> Key | None:
         return self.emap.get(gh)
@@ -98,21 +99,20 @@ class Worker:
         old = self.emap.get(gh)
         if old is not None and old != key:
             # The hash now names other content: the old block can no longer be
-            # removed by it, so it is dropped (docs/choices.md, "Re-stored hashes").
-            self.forget(old)
+            # removed through it, so it is dropped (docs/choices.md, "Re-stored
+            # hashes"). Other hashes naming it still name it.
+            self.hold.pop(old, None)
         self.emap[gh] = key
         self.hold.setdefault(key, set()).add(tier)
 
-    def drop(self, key: Key, tier: str) -> None:
-        self.hold[key].discard(tier)
-        if not self.hold[key]:
-            self.forget(key)
-
-    def forget(self, key: Key) -> None:
-        """A block held in no tier is forgotten with every engine hash naming
-        it (docs/choices.md, "Forgotten hashes")."""
-        del self.hold[key]
-        for gh in [gh for gh, k in self.emap.items() if k == key]:
+    def drop(self, gh: tuple[int, Any], tier: str) -> None:
+        key = self.emap[gh]
+        tiers = self.hold.get(key, set())
+        tiers.discard(tier)
+        if not tiers:
+            # Held nowhere now: this hash names nothing the worker holds
+            # (docs/choices.md, "Forgotten hashes").
+            self.hold.pop(key, None)
             del self.emap[gh]
 
     def purge(self) -> None:
@@ -135,7 +135,22 @@ class ModelIndex:
         return self.workers.pop(wid, None) is not None
 
     def purge_worker(self, wid: str) -> None:
+        """Drops everything, the last seq included: the worker's stream starts
+        over (docs/choices.md, "Workers")."""
         self.workers[wid].purge()
+        self.workers[wid].last_seq = None
+
+    def apply_many(
+        self, wid: str, batches: list[list[dict[str, Any]]], first_seq: int | None = None
+    ) -> Counts:
+        """SPEC 4: each payload in order; with a seq, the last applied one is
+        recorded (for snapshots and resuming)."""
+        counts = Counts()
+        for i, batch in enumerate(batches):
+            counts.add(self.apply(wid, batch))
+            if first_seq is not None:
+                self.workers[wid].last_seq = first_seq + i
+        return counts
 
     # -- events ------------------------------------------------------------
     def apply(self, wid: str, events: list[dict[str, Any]]) -> Counts:
@@ -147,11 +162,11 @@ class ModelIndex:
             elif ev["type"] == "BlockRemoved":
                 tier = tier_of(ev.get("medium"))
                 for h in ev["block_hashes"]:
-                    key = w.resolve(engine_hash(ev.get("group_idx"), h))
-                    if key is None:
+                    gh = engine_hash(ev.get("group_idx"), h)
+                    if w.resolve(gh) is None:
                         counts.unknown_removals += 1
                     else:
-                        w.drop(key, tier)
+                        w.drop(gh, tier)
                         counts.removed += 1
             elif ev["type"] == "AllBlocksCleared":
                 w.purge()

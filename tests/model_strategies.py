@@ -58,7 +58,7 @@ _EXTRA_LISTS = {
 _SHAPES = st.sampled_from(["exact"] * 6 + ["nil", "wrong", "tokenless", "tokenless"])
 _NO_TOKENS = st.sampled_from([None, []])
 _TOKENLESS_SIZES = st.sampled_from([None, 0, BS])
-_PARENTS = st.one_of(st.none(), st.none(), HASHES)
+_PARENTS = st.one_of(st.none(), st.none(), st.integers(0, 9), HASHES)
 _LORAS = st.sampled_from(LORAS)
 _MEDIA = st.sampled_from(MEDIA)
 _GROUPS = st.sampled_from([None, 0, 0, 1])
@@ -115,9 +115,11 @@ event = st.one_of(stored(), stored(), stored(), removed, removed, cleared)
 events = st.lists(event, min_size=1, max_size=3)
 worker = st.sampled_from(sorted(WORKERS))
 
-_apply = st.tuples(st.just("apply"), worker, events, st.booleans())
+# The seq a caller passes with a batch (None: not recorded), up to u64 widths.
+_SEQS = st.one_of(st.none(), st.integers(0, 100), st.just(2**63))
+_apply = st.tuples(st.just("apply"), worker, events, st.booleans(), _SEQS)
 _apply_many = st.tuples(
-    st.just("apply_many"), worker, st.lists(events, min_size=1, max_size=3), st.booleans()
+    st.just("apply_many"), worker, st.lists(events, min_size=1, max_size=3), st.booleans(), _SEQS
 )
 _worker_op = st.tuples(st.sampled_from(["remove", "add", "purge"]), worker)
 # One op in ten is a save + load round trip (it writes a file: the slowest step).

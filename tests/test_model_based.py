@@ -76,6 +76,9 @@ def check_same(index: kvsync.Index, model: ModelIndex) -> int:
     stats = index.stats()
     assert stats["workers"] == len(model.workers)
     assert index.workers() == {w: v.model for w, v in model.workers.items()}
+    assert {w: index.last_seq(w) for w in model.workers} == {
+        w: v.last_seq for w, v in model.workers.items()
+    }
     assert stats["holdings"] == model.holdings()
     assert stats["blocks"] == model.blocks()
     for name in {*WORKERS.values(), "unknown-model"}:
@@ -108,24 +111,21 @@ def step(index: kvsync.Index, model: ModelIndex, o: Any) -> kvsync.Index:
     """Perform one operation on both; returns the index to use from now on."""
     kind, args = o[0], o[1:]
     if kind in ("apply", "apply_many"):
-        wid, batches, array_form = args
+        wid, batches, array_form, seq = args
         batches = [batches] if kind == "apply" else batches
         payloads = [encode(b, array_form) for b in batches]
 
         def call() -> kvsync.ApplyStats:
             if kind == "apply":
-                return index.apply(wid, payloads[0])
-            return index.apply_many(wid, payloads)
+                return index.apply(wid, payloads[0], seq=seq)
+            return index.apply_many(wid, payloads, first_seq=seq)
 
         if wid not in model.workers:
             with pytest.raises(KeyError):
                 call()
             return index
         got = call()
-        want = Counts()
-        for b in batches:
-            want.add(model.apply(wid, b))
-        same_counts(got, want)
+        same_counts(got, model.apply_many(wid, batches, seq))
     elif kind == "remove":
         assert index.remove_worker(args[0]) == model.remove_worker(args[0])
     elif kind == "add":
@@ -172,8 +172,7 @@ def test_capacity_bound_never_gives_false_positives(ops: list[Any], capacity: in
         if kind in ("apply", "apply_many") and o[1] in model.workers:
             batches = [o[2]] if kind == "apply" else o[2]
             index.apply_many(o[1], [encode(b, o[3]) for b in batches])
-            for b in batches:
-                model.apply(o[1], b)
+            model.apply_many(o[1], batches)
         elif kind not in ("apply", "apply_many"):
             index = step(index, model, o)
         index.check()
