@@ -55,7 +55,7 @@ _EXTRA_LISTS = {
     n: st.lists(st.one_of(st.none(), st.lists(EXTRA, max_size=2)), min_size=n, max_size=n)
     for n in range(1, 5)
 }
-_SHAPES = st.sampled_from(["exact"] * 6 + ["nil", "wrong", "tokenless", "tokenless"])
+_SHAPES = st.sampled_from(["exact"] * 9 + ["nil", "wrong", "tokenless", "tokenless"])
 _NO_TOKENS = st.sampled_from([None, []])
 _TOKENLESS_SIZES = st.sampled_from([None, 0, BS])
 _PARENTS = st.one_of(st.none(), st.none(), st.integers(0, 9), HASHES)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from hypothesis import event as label
-from hypothesis import given, note, target
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 import kvsync
@@ -89,11 +89,11 @@ def check_same(index: kvsync.Index, model: ModelIndex) -> int:
         got = index.match_detail(name, tokens, lora=lora, extra_keys=extras)
         assert got == want, (name, tokens, lora, extras)
         any_tier = {w: d["any"] for w, d in want.items()}
-        assert index.match(name, tokens, lora=lora, extra_keys=extras) == any_tier
         deepest = max([deepest, *any_tier.values()])
         if i < 4:
-            # Tier filters as a caller passes them, and a trailing partial
-            # block, which never counts.
+            # match itself, tier filters as a caller passes them, and a
+            # trailing partial block, which never counts.
+            assert index.match(name, tokens, lora=lora, extra_keys=extras) == any_tier
             tiers = ("cpu", "storage")
             two = model.match(name, tokens, lora, extras, tiers)
             assert index.match(name, tokens, lora=lora, extra_keys=extras, tiers=tiers) == two
@@ -143,7 +143,7 @@ def step(index: kvsync.Index, model: ModelIndex, o: Any) -> kvsync.Index:
     return index
 
 
-@given(ops=st.lists(op, max_size=30))
+@given(ops=st.lists(op, min_size=3, max_size=30))
 def test_index_matches_the_model(ops: list[Any]) -> None:
     index, model = fresh()
     deepest = 0
@@ -151,8 +151,8 @@ def test_index_matches_the_model(ops: list[Any]) -> None:
         note(repr(o))
         index = step(index, model, o)
         deepest = max(deepest, check_same(index, model))
-    # Coverage report (--hypothesis-show-statistics) and a nudge to deep chains.
-    target(float(deepest), label="deepest match")
+    # Coverage report (--hypothesis-show-statistics). No target(): its Pareto
+    # front costs more than the test and makes a failure slow to shrink.
     label(f"deepest match {min(deepest, 4)}{'+' if deepest >= 4 else ''}")
     label(f"save/load round trips: {min(sum(o[0] == 'save_load' for o in ops), 2)}")
 
