@@ -112,7 +112,21 @@ removed = st.builds(
 )
 cleared = st.just({"type": "AllBlocksCleared"})
 event = st.one_of(stored(), stored(), stored(), removed, removed, cleared)
-events = st.lists(event, min_size=1, max_size=3)
+
+
+@st.composite
+def chain(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A store and its continuation, as an engine sends a long prompt: the
+    second's parent is the first's last block, often with the same salt."""
+    first, second = draw(stored()), draw(stored())
+    second["parent_block_hash"] = first["block_hashes"][-1]
+    second["group_idx"] = first["group_idx"]
+    if "cache_salt" in first and draw(st.booleans()):
+        second["cache_salt"] = first["cache_salt"]
+    return [first, second]
+
+
+events = st.one_of(st.lists(event, min_size=1, max_size=3), chain())
 worker = st.sampled_from(sorted(WORKERS))
 
 # The seq a caller passes with a batch (None: not recorded), up to u64 widths.
