@@ -1,225 +1,224 @@
-"""Model-based test: random multi-worker event streams drive the real index
-and the pure-Python model (tests/model.py) side by side; every match answer
-and every size must agree.
+"""Model-based test: random multi-worker event streams and API calls drive the
+real index and the pure-Python model (tests/model.py, written from SPEC.md and
+docs/choices.md) side by side; after every step every answer, every size and
+every counter must agree, and ``Index.check()`` must pass.
 
-Examples per run come from the Hypothesis profile (tests/__init__.py): 1,000
-by default (CI), more with HYPOTHESIS_PROFILE=long.
+Operations (tests/model_strategies.py): apply and apply_many of random
+batches in both wire forms, add/remove/purge workers, and save + load round
+trips (the loaded index replaces the live one, so every later answer is the
+loaded index's). Examples per run come from the Hypothesis profile
+(tests/__init__.py): 1,000 by default (CI), more with HYPOTHESIS_PROFILE=long.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from hypothesis import event as label
-from hypothesis import given, note, target
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 import kvsync
 
-from .model import TIERS, ModelIndex
+from .model import TIERS, Counts, ModelIndex
+from .model_strategies import WORKERS, encode, op
 
-WORKERS = {"a": "m", "b": "m", "c": "m", "d": "n"}
-BS = 2
-HASHES = st.one_of(st.integers(0, 9), st.sampled_from([b"\x01" * 32, b"\x02" * 32]))
-EXTRA = st.sampled_from(["img-1", "img-2", "lora-a", 7, -3, b"\xaa", ["img-1", 4], True])
-LORAS = [(None, None), ("lora-a", None), (None, 3), ("lora-a", 3)]
-MEDIA = [None, "GPU", "CPU", "CPU_PINNED", "DISK"]
-ARRAY_ORDER = [
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-    "lora_name",
-    "extra_keys",
-    "group_idx",
-    "kv_cache_spec_kind",
-]
+Query = tuple[str, list[int], Any, list[Any] | None]
 
 
-@st.composite
-def stored(draw: st.DrawFn) -> dict[str, Any]:
-    n = draw(st.integers(1, 4))
-    hashes = draw(st.lists(HASHES, min_size=n, max_size=n))
-    lora_name, lora_id = draw(st.sampled_from(LORAS))
-    offload = draw(st.integers(0, 9)) == 0
-    size = draw(st.sampled_from(["exact", "exact", "exact", "nil", "wrong"]))
-    tokens = [] if offload else draw(st.lists(st.integers(0, 2), min_size=BS * n, max_size=BS * n))
-    if size == "wrong" and tokens:
-        tokens = tokens + [1] * n  # block size 3: does not fit the model's 2
-    ev: dict[str, Any] = {
-        "type": "BlockStored",
-        "block_hashes": hashes,
-        "parent_block_hash": draw(st.one_of(st.none(), st.none(), HASHES)),
-        "token_ids": tokens,
-        "block_size": None if size == "nil" else (0 if offload else len(tokens) // n),
-        "lora_id": lora_id,
-        "medium": draw(st.sampled_from(MEDIA)),
-        "lora_name": lora_name,
-        "extra_keys": None,
-        "group_idx": draw(st.sampled_from([None, 0, 0, 1])),
-        "kv_cache_spec_kind": draw(
-            st.sampled_from([None, None, "full_attention", "sliding_window"])
-        ),
-    }
-    if draw(st.integers(0, 3)) == 0:
-        ev["extra_keys"] = draw(
-            st.lists(st.one_of(st.none(), st.lists(EXTRA, max_size=2)), min_size=n, max_size=n)
-        )
-    if draw(st.integers(0, 5)) == 0:
-        ev["cache_salt"] = draw(st.sampled_from(["salt-1", "salt-2"]))
-    return ev
-
-
-removed = st.builds(
-    lambda hashes, medium, group: {
-        "type": "BlockRemoved",
-        "block_hashes": hashes,
-        "medium": medium,
-        "group_idx": group,
-    },
-    st.lists(HASHES, min_size=1, max_size=4),
-    st.sampled_from(MEDIA),
-    st.sampled_from([None, 0, 1]),
-)
-cleared = st.just({"type": "AllBlocksCleared"})
-event = st.one_of(stored(), stored(), stored(), removed, removed, cleared)
-apply_op = st.tuples(
-    st.just("apply"),
-    st.sampled_from(sorted(WORKERS)),
-    st.lists(event, min_size=1, max_size=3),
-    st.booleans(),  # array-form events
-)
-op = st.one_of(
-    apply_op,
-    apply_op,
-    apply_op,
-    st.tuples(st.just("remove"), st.sampled_from(sorted(WORKERS))),
-    st.tuples(st.just("add"), st.sampled_from(sorted(WORKERS))),
-)
-
-
-def encode_event(ev: dict[str, Any], array_form: bool) -> Any:
-    if not array_form or ev["type"] == "AllBlocksCleared":
-        return ev
-    if ev["type"] == "BlockRemoved":
-        return [ev["type"], ev["block_hashes"], ev["medium"], ev["group_idx"]]
-    out = [ev["type"]] + [ev[f] for f in ARRAY_ORDER]
-    if ev.get("cache_salt") is not None:
-        # Array form carries a salt only as SGLang 0.5.18's metadata map, in
-        # the position vLLM uses for lora_name; that layout has no later fields.
-        plain = ev["lora_name"] is None and ev["extra_keys"] is None
-        if not (plain and not ev["group_idx"] and ev["kv_cache_spec_kind"] is None):
-            return ev
-        out = [*out[:7], {"cache_salt": ev["cache_salt"]}]
-    return out
-
-
-def encode(events: list[dict[str, Any]], array_form: bool) -> bytes:
-    body = [encode_event(e, array_form) for e in events]
-    packed: bytes = msgpack.packb([1.0, body, None])
-    return packed
-
-
-def check_same(index: kvsync.Index, model: ModelIndex) -> int:
-    """Compare sizes and every match answer; returns the deepest match seen."""
-    stats = index.stats()
-    assert stats["workers"] == len(model.workers)
-    assert stats["holdings"] == model.holdings()
-    assert stats["blocks"] == model.blocks()
-    queries = model.queries()
-    # Queries nobody holds, and queries one block longer than held paths.
-    queries.append(("m", [0, 1, 2, 0], None, None))
-    queries.append(("n", [2, 2], "lora-a", None))
-    queries.append(("unknown-model", [0, 0], None, None))
-    queries += [(m, [*t, 0, 1], lo, ex) for (m, t, lo, ex) in queries[:5]]
-    deepest = 0
-    for model_name, tokens, lora, extras in queries:
-        want = model.match(model_name, tokens, lora, extras)
-        got = index.match(model_name, tokens, lora=lora, extra_keys=extras)
-        assert got == want, (model_name, tokens, lora, extras)
-        deepest = max([deepest, *want.values()])
-        # A trailing partial block never counts.
-        bs = index.block_size(model_name)
-        assert bs == model.block_size.get(model_name)
-        if bs is not None and bs > 1:
-            partial = tokens[: len(tokens) // bs * bs] + [1] * (bs - 1)
-            assert index.match(model_name, partial, lora=lora, extra_keys=extras) == want
-    for model_name, tokens, lora, extras in queries[:8]:
-        for tier, bit in TIERS.items():
-            want = model.match(model_name, tokens, lora, extras, tiers=bit)
-            assert index.match(model_name, tokens, lora=lora, extra_keys=extras, tiers=tier) == want
-    return deepest
-
-
-@given(ops=st.lists(op, max_size=40))
-def test_index_matches_the_model(ops: list[Any]) -> None:
+def fresh() -> tuple[kvsync.Index, ModelIndex]:
     index = kvsync.Index()
     model = ModelIndex()
     for wid, m in WORKERS.items():
         index.add_worker(wid, model=m)
         model.add_worker(wid, m)
+    return index, model
+
+
+def same_counts(got: kvsync.ApplyStats, want: Counts) -> None:
+    names = ("stored", "removed", "cleared", "skipped", "orphaned", "ignored", "unknown_removals")
+    assert {n: getattr(got, n) for n in names} == {n: getattr(want, n) for n in names}
+
+
+def round_trip(index: kvsync.Index) -> kvsync.Index:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.snap"
+        index.save(path)
+        return kvsync.Index.load(path)
+
+
+def queries(model: ModelIndex) -> list[Query]:
+    """Every held path, plus queries nobody holds, one block longer than held
+    paths, and without their extra keys or LoRA (which must not match)."""
+    held = model.queries()
+    out = [
+        *held,
+        ("m", [0, 1, 2, 0], None, None),
+        ("n", [2, 2], "lora-a", None),
+        ("unknown-model", [0, 0], None, None),
+    ]
+    for m, t, lo, ex in held[:6]:
+        out.append((m, [*t, 0, 1], lo, ex))
+        if ex is not None:
+            out.append((m, t, lo, None))
+        if lo is not None:
+            out.append((m, t, None, ex))
+    unique = {repr(q): q for q in out}
+    return list(unique.values())
+
+
+def check_same(index: kvsync.Index, model: ModelIndex) -> int:
+    """Compare sizes and every answer; returns the deepest match seen."""
+    index.check()
+    stats = index.stats()
+    assert stats["workers"] == len(model.workers)
+    assert index.workers() == {w: v.model for w, v in model.workers.items()}
+    assert {w: index.last_seq(w) for w in model.workers} == {
+        w: v.last_seq for w, v in model.workers.items()
+    }
+    assert stats["holdings"] == model.holdings()
+    assert stats["blocks"] == model.blocks()
+    for name in {*WORKERS.values(), "unknown-model"}:
+        assert index.block_size(name) == model.block_size.get(name)
+    deepest = 0
+    for i, (name, tokens, lora, extras) in enumerate(queries(model)):
+        want = model.match_detail(name, tokens, lora, extras)
+        got = index.match_detail(name, tokens, lora=lora, extra_keys=extras)
+        assert got == want, (name, tokens, lora, extras)
+        any_tier = {w: d["any"] for w, d in want.items()}
+        deepest = max([deepest, *any_tier.values()])
+        if i < 4:
+            # match itself, tier filters as a caller passes them, and a
+            # trailing partial block, which never counts.
+            assert index.match(name, tokens, lora=lora, extra_keys=extras) == any_tier
+            tiers = ("cpu", "storage")
+            two = model.match(name, tokens, lora, extras, tiers)
+            assert index.match(name, tokens, lora=lora, extra_keys=extras, tiers=tiers) == two
+            gpu = {w: d["gpu"] for w, d in want.items()}
+            assert index.match(name, tokens, lora=lora, extra_keys=extras, tiers="gpu") == gpu
+            bs = model.block_size.get(name)
+            if bs is not None and bs > 1:
+                partial = [*tokens[: len(tokens) // bs * bs], *[1] * (bs - 1)]
+                got_p = index.match(name, partial, lora=lora, extra_keys=extras)
+                assert got_p == any_tier
+    return deepest
+
+
+def step(index: kvsync.Index, model: ModelIndex, o: Any) -> kvsync.Index:
+    """Perform one operation on both; returns the index to use from now on."""
+    kind, args = o[0], o[1:]
+    if kind in ("apply", "apply_many"):
+        wid, batches, array_form, seq = args
+        batches = [batches] if kind == "apply" else batches
+        payloads = [encode(b, array_form) for b in batches]
+
+        def call() -> kvsync.ApplyStats:
+            if kind == "apply":
+                return index.apply(wid, payloads[0], seq=seq)
+            return index.apply_many(wid, payloads, first_seq=seq)
+
+        if wid not in model.workers:
+            with pytest.raises(KeyError):
+                call()
+            return index
+        got = call()
+        same_counts(got, model.apply_many(wid, batches, seq))
+    elif kind == "remove":
+        assert index.remove_worker(args[0]) == model.remove_worker(args[0])
+    elif kind == "add":
+        index.add_worker(args[0], model=WORKERS[args[0]])
+        model.add_worker(args[0], WORKERS[args[0]])
+    elif kind == "purge":
+        if args[0] not in model.workers:
+            with pytest.raises(KeyError):
+                index.purge_worker(args[0])
+        else:
+            index.purge_worker(args[0])
+            model.purge_worker(args[0])
+    else:
+        index = round_trip(index)
+    return index
+
+
+@given(ops=st.lists(op, min_size=3, max_size=30))
+def test_index_matches_the_model(ops: list[Any]) -> None:
+    index, model = fresh()
     deepest = 0
     for o in ops:
         note(repr(o))
-        if o[0] == "apply":
-            _, wid, events, array_form = o
-            if wid not in model.workers:
-                with pytest.raises(KeyError):
-                    index.apply(wid, encode(events, array_form))
-                continue
-            got = index.apply(wid, encode(events, array_form))
-            want = model.apply(wid, events)
-            assert (got.stored, got.removed, got.cleared, got.skipped) == (
-                want.stored,
-                want.removed,
-                want.cleared,
-                want.skipped,
-            )
-            assert (got.orphaned, got.ignored, got.unknown_removals) == (
-                want.orphaned,
-                want.ignored,
-                want.unknown_removals,
-            )
-        elif o[0] == "remove":
-            assert index.remove_worker(o[1]) == model.remove_worker(o[1])
-        else:
-            index.add_worker(o[1], model=WORKERS[o[1]])
-            model.add_worker(o[1], WORKERS[o[1]])
+        index = step(index, model, o)
         deepest = max(deepest, check_same(index, model))
-    index.check()
-    # Coverage report (--hypothesis-show-statistics) and a nudge to deep chains.
-    target(float(deepest), label="deepest match")
+    # Coverage report (--hypothesis-show-statistics). No target(): its Pareto
+    # front costs more than the test and makes a failure slow to shrink.
     label(f"deepest match {min(deepest, 4)}{'+' if deepest >= 4 else ''}")
+    label(f"save/load round trips: {min(sum(o[0] == 'save_load' for o in ops), 2)}")
 
 
-@given(ops=st.lists(op, max_size=40), capacity=st.integers(1, 6))
+@given(ops=st.lists(op, max_size=30), capacity=st.integers(1, 6))
 def test_capacity_bound_never_gives_false_positives(ops: list[Any], capacity: int) -> None:
-    """With a capacity, answers may fall short of the model but never exceed it."""
+    """With a capacity, answers may fall short of the model but never exceed
+    it, and held blocks never exceed the bound (SPEC 2, capacity)."""
     index = kvsync.Index(capacity_blocks=capacity)
     model = ModelIndex()
     for wid, m in WORKERS.items():
         index.add_worker(wid, model=m)
         model.add_worker(wid, m)
     for o in ops:
-        if o[0] == "apply":
-            _, wid, events, array_form = o
-            if wid in model.workers:
-                index.apply(wid, encode(events, array_form))
-                model.apply(wid, events)
-        elif o[0] == "remove":
-            index.remove_worker(o[1])
-            model.remove_worker(o[1])
-        else:
-            index.add_worker(o[1], model=WORKERS[o[1]])
-            model.add_worker(o[1], WORKERS[o[1]])
+        note(repr(o))
+        kind = o[0]
+        if kind in ("apply", "apply_many") and o[1] in model.workers:
+            batches = [o[2]] if kind == "apply" else o[2]
+            index.apply_many(o[1], [encode(b, o[3]) for b in batches])
+            model.apply_many(o[1], batches)
+        elif kind not in ("apply", "apply_many"):
+            index = step(index, model, o)
+        index.check()
         assert index.stats()["blocks"] <= capacity
-        for model_name, tokens, lora, extras in model.queries():
-            want = model.match(model_name, tokens, lora, extras)
-            got = index.match(model_name, tokens, lora=lora, extra_keys=extras)
+        assert index.stats()["capacity_blocks"] == capacity
+        for name, tokens, lora, extras in queries(model):
+            want = model.match_detail(name, tokens, lora, extras)
+            got = index.match_detail(name, tokens, lora=lora, extra_keys=extras)
             assert got.keys() == want.keys()
-            assert all(got[w] <= want[w] for w in got), (got, want)
-    index.check()
+            for w in got:
+                for tier in (*TIERS, "any"):
+                    assert got[w][tier] <= want[w][tier], (name, tokens, w, tier, got, want)
+
+
+def test_the_model_reads_spec_examples() -> None:
+    """The model itself on SPEC's rules, by hand: a wrong model would make the
+    property tests compare two wrong answers."""
+    model = ModelIndex()
+    model.add_worker("a", "m")
+    stored = {"type": "BlockStored", "block_size": 2, "medium": None}
+    model.apply(
+        "a",
+        [
+            {
+                **stored,
+                "block_hashes": [1, 2],
+                "parent_block_hash": None,
+                "token_ids": [1, 2, 3, 4],
+            },
+            {**stored, "block_hashes": [3], "parent_block_hash": 9, "token_ids": [5, 6]},
+            {
+                **stored,
+                "block_hashes": [4],
+                "parent_block_hash": None,
+                "token_ids": [7, 8],
+                "cache_salt": "s",
+            },
+        ],
+    )
+    assert model.match("m", [1, 2, 3, 4, 5]) == {"a": 2}  # partial block never counts
+    assert model.match("m", [1, 2, 3, 4, 5, 6]) == {"a": 2}  # unknown parent: dropped
+    assert model.match("m", [7, 8]) == {"a": 0}  # salted block needs the salt
+    assert model.match("m", [7, 8], extra_keys=[["s"]]) == {"a": 1}
+    model.apply("a", [{"type": "BlockStored", "block_hashes": [2], "medium": "CPU_PINNED"}])
+    model.apply("a", [{"type": "BlockRemoved", "block_hashes": [2], "medium": "GPU"}])
+    assert model.match_detail("m", [1, 2, 3, 4]) == {
+        "a": {"gpu": 1, "cpu": 0, "storage": 0, "any": 2}
+    }
+    assert model.match("m", [1, 2, 3, 4], lora="x") == {"a": 0}
