@@ -21,7 +21,9 @@ fn store(ts: f64, h: u64, parent: Option<u64>) -> Vec<u8> {
     enc::write_uint(&mut b, h).unwrap();
     enc::write_str(&mut b, "parent_block_hash").unwrap();
     match parent {
-        Some(p) => drop(enc::write_uint(&mut b, p).unwrap()),
+        Some(p) => {
+            enc::write_uint(&mut b, p).unwrap();
+        }
         None => enc::write_nil(&mut b).unwrap(),
     }
     enc::write_str(&mut b, "token_ids").unwrap();
