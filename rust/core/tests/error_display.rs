@@ -6,7 +6,8 @@ use kvsync_core::{DecodeError, IndexError};
 
 #[test]
 fn decode_errors_say_where_in_a_fixed_order() {
-    let full = DecodeError::new("expected array, got str").at_field("token_ids").at_event(3).at_offset(41).in_payload(2);
+    let full =
+        DecodeError::new("expected array, got str").at_field("token_ids").at_event(3).at_offset(41).in_payload(2);
     assert_eq!(full.to_string(), "payload 2: event 3 field token_ids: expected array, got str (byte 41)");
     assert_eq!(DecodeError::new("bad").at_event(1).to_string(), "event 1: bad");
     assert_eq!(DecodeError::new("bad").at_field("medium").to_string(), "medium: bad");
@@ -34,9 +35,15 @@ fn index_errors_name_their_input() {
             IndexError::ModelMismatch { worker: "w1".into(), existing: "a".into(), requested: "b".into() },
             "worker \"w1\" is registered for model \"a\", not \"b\"",
         ),
-        (IndexError::Invalid("capacity_blocks must be at least 1".into()), "invalid argument: capacity_blocks must be at least 1"),
+        (
+            IndexError::Invalid("capacity_blocks must be at least 1".into()),
+            "invalid argument: capacity_blocks must be at least 1",
+        ),
         (IndexError::Snapshot("bad magic".into()), "snapshot: bad magic"),
-        (IndexError::Io { path: "/tmp/x.snap".into(), message: "No space left".into(), errno: Some(28) }, "/tmp/x.snap: No space left"),
+        (
+            IndexError::Io { path: "/tmp/x.snap".into(), message: "No space left".into(), errno: Some(28) },
+            "/tmp/x.snap: No space left",
+        ),
         (IndexError::AlreadyFollowed("p/dp0".into()), "worker \"p/dp0\" is already followed"),
     ];
     for (e, want) in cases {

@@ -56,10 +56,7 @@ fn extra_keys_hash_by_value_and_structure() {
         assert_ne!(key(std::slice::from_ref(&a)), key(std::slice::from_ref(&b)), "{a:?} vs {b:?}");
     }
     // Grouping is unambiguous: [[nil], nil] is not [[nil, nil]].
-    assert_ne!(
-        key(&[Value::Array(vec![Value::Nil]), Value::Nil]),
-        key(&[Value::Array(vec![Value::Nil, Value::Nil])])
-    );
+    assert_ne!(key(&[Value::Array(vec![Value::Nil]), Value::Nil]), key(&[Value::Array(vec![Value::Nil, Value::Nil])]));
 }
 
 #[test]

@@ -33,15 +33,23 @@ fn msg(engine: u8, seq: u64) -> Vec<u8> {
 }
 
 fn cfg(replay: bool) -> StreamConfig {
-    StreamConfig { replay, replay_timeout: 1.0, clean_secs: 5.0, max_buffered: 100, idle_probe: 0.0, ..StreamConfig::default() }
+    StreamConfig {
+        replay,
+        replay_timeout: 1.0,
+        clean_secs: 5.0,
+        max_buffered: 100,
+        idle_probe: 0.0,
+        ..StreamConfig::default()
+    }
 }
 
 #[test]
 fn state_names_are_what_status_reports() {
-    let names: Vec<&str> = [State::Connecting, State::Replaying, State::Live, State::Degraded, State::Disconnected, State::Stopped]
-        .into_iter()
-        .map(State::name)
-        .collect();
+    let names: Vec<&str> =
+        [State::Connecting, State::Replaying, State::Live, State::Degraded, State::Disconnected, State::Stopped]
+            .into_iter()
+            .map(State::name)
+            .collect();
     assert_eq!(names, ["connecting", "replaying", "live", "degraded", "disconnected", "stopped"]);
 }
 
@@ -49,11 +57,26 @@ fn state_names_are_what_status_reports() {
 fn invalid_settings_name_the_setting_and_the_value() {
     assert_eq!(StreamConfig::default().validate(), Ok(()));
     let cases: [(StreamConfig, &str); 6] = [
-        (StreamConfig { replay_timeout: -1.0, ..StreamConfig::default() }, "replay_timeout must be a finite number >= 0, got -1"),
-        (StreamConfig { replay_max: f64::NAN, ..StreamConfig::default() }, "replay_max must be a finite number >= 0, got NaN"),
-        (StreamConfig { clean_secs: -0.5, ..StreamConfig::default() }, "clean_secs must be a finite number >= 0, got -0.5"),
-        (StreamConfig { dead_after: f64::INFINITY, ..StreamConfig::default() }, "dead_after must be a finite number >= 0, got inf"),
-        (StreamConfig { idle_probe: -3.0, ..StreamConfig::default() }, "idle_probe must be a finite number >= 0, got -3"),
+        (
+            StreamConfig { replay_timeout: -1.0, ..StreamConfig::default() },
+            "replay_timeout must be a finite number >= 0, got -1",
+        ),
+        (
+            StreamConfig { replay_max: f64::NAN, ..StreamConfig::default() },
+            "replay_max must be a finite number >= 0, got NaN",
+        ),
+        (
+            StreamConfig { clean_secs: -0.5, ..StreamConfig::default() },
+            "clean_secs must be a finite number >= 0, got -0.5",
+        ),
+        (
+            StreamConfig { dead_after: f64::INFINITY, ..StreamConfig::default() },
+            "dead_after must be a finite number >= 0, got inf",
+        ),
+        (
+            StreamConfig { idle_probe: -3.0, ..StreamConfig::default() },
+            "idle_probe must be a finite number >= 0, got -3",
+        ),
         (StreamConfig { replay_timeout: 0.0, ..StreamConfig::default() }, "replay_timeout must be > 0"),
     ];
     for (c, want) in cases {

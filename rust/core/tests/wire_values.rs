@@ -52,8 +52,18 @@ fn samples() -> Vec<(Vec<u8>, Value<'static>)> {
         (raw(|w| enc::write_bool(w, false).unwrap()), Value::Bool(false)),
         (raw(|w| enc::write_f32(w, 1.5).unwrap()), Value::Float(1.5)),
         (raw(|w| enc::write_f64(w, -2.25).unwrap()), Value::Float(-2.25)),
-        (raw(|w| { enc::write_uint(w, u64::MAX).unwrap(); }), Value::Int(i128::from(u64::MAX))),
-        (raw(|w| { enc::write_sint(w, -5).unwrap(); }), Value::Int(-5)),
+        (
+            raw(|w| {
+                enc::write_uint(w, u64::MAX).unwrap();
+            }),
+            Value::Int(i128::from(u64::MAX)),
+        ),
+        (
+            raw(|w| {
+                enc::write_sint(w, -5).unwrap();
+            }),
+            Value::Int(-5),
+        ),
         (raw(|w| enc::write_str(w, "hi").unwrap()), Value::Str("hi")),
         (raw(|w| enc::write_bin(w, &[1, 2, 3]).unwrap()), Value::Bin(&[1, 2, 3])),
         (
