@@ -3,6 +3,10 @@
 
 use super::{Index, NIL};
 
+#[cfg(test)]
+#[path = "check_tests.rs"]
+mod tests;
+
 impl Index {
     /// Check every internal invariant (tests; O(size)).
     pub fn check_invariants(&self) -> Result<(), String> {
