@@ -183,6 +183,8 @@ fn sink_failures_other_than_decoding_reach_the_caller() {
     s.start(&mut sink, 0.0).unwrap();
     assert_eq!(s.live(&mut sink, 0, &msg(1, 0), 0.0), Err(disk));
     assert_eq!(s.counters().malformed, 0);
+    // nothing was applied: the position did not move
+    assert_eq!(s.position(), (None, 0));
 
     // A decode failure is the payload's fault: counted, skipped, and the
     // seq still counts as applied so the next one is not a gap.

@@ -444,21 +444,19 @@ impl Stream {
     /// Apply one batch; a malformed payload is counted and skipped (its seq
     /// still counts as applied, so it does not look like a gap).
     fn apply(&mut self, sink: &mut impl Sink, seq: u64, payload: &[u8], now: f64) -> Result<(), IndexError> {
-        self.last = Some(seq);
-        self.digest = payload_digest(payload);
-        self.last_event = Some(now);
         match sink.apply(payload) {
             Ok(st) => {
                 self.counters.batches += 1;
                 self.counters.events += st.stored + st.removed + st.skipped + st.cleared;
-                Ok(())
             }
-            Err(IndexError::Decode(_)) => {
-                self.counters.malformed += 1;
-                Ok(())
-            }
-            Err(e) => Err(e),
+            Err(IndexError::Decode(_)) => self.counters.malformed += 1,
+            // Not applied: the position stays where it was.
+            Err(e) => return Err(e),
         }
+        self.last = Some(seq);
+        self.digest = payload_digest(payload);
+        self.last_event = Some(now);
+        Ok(())
     }
 
     /// History between `expected` and the next available `seq` is lost:
