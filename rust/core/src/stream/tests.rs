@@ -541,3 +541,31 @@ fn a_resumed_worker_whose_publisher_never_connects_is_purged_after_dead_after() 
     // when it does connect, the history is fetched from the start
     assert_eq!(s.start(&mut Sk(&mut ix), 20.0).unwrap().replay_from, Some(0));
 }
+
+#[test]
+fn the_degraded_period_counts_from_the_incident() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 2);
+    // a gap at t=100 the engine can no longer fill
+    assert!(s.live(&mut Sk(&mut ix), 9, &batch(9), 100.0).unwrap().replay_from.is_some());
+    s.replayed(&mut Sk(&mut ix), 8, &batch(8), 100.1).unwrap();
+    s.replay_end(&mut Sk(&mut ix), 100.1).unwrap();
+    assert_eq!(s.state(), State::Degraded);
+    s.tick(&mut Sk(&mut ix), 105.0).unwrap();
+    assert_eq!(s.state(), State::Degraded, "4.9 s after the incident (clean_secs 5)");
+    s.tick(&mut Sk(&mut ix), 105.1).unwrap();
+    assert_eq!(s.state(), State::Live);
+}
+
+#[test]
+fn the_buffer_holds_exactly_max_buffered_messages() {
+    let (mut ix, mut s) = cfg_with(|c| c.max_buffered = 3);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    for seq in 1..4 {
+        s.live(&mut Sk(&mut ix), seq, &batch(seq), 0.1).unwrap();
+    }
+    let one = batch(1).len();
+    assert_eq!((s.buffered(), s.counters().overflows), ((3, 3 * one), 0));
+    s.live(&mut Sk(&mut ix), 4, &batch(4), 0.3).unwrap();
+    assert_eq!((s.buffered(), s.counters().overflows), ((3, 3 * one), 1));
+}
