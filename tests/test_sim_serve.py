@@ -140,3 +140,22 @@ def test_a_simulator_whose_parent_is_gone_exits_by_itself() -> None:
             child.wait(5)
     assert child.returncode == 0
     assert set(json.loads(out)) >= {"pub_port", "control_port"}
+
+
+def test_a_fixed_port_puts_the_replay_ports_after_every_ranks_pub_port() -> None:
+    for _ in range(5):  # the free port found may be taken again before the bind
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 3 > 65535:
+            continue
+        try:
+            s2 = Simulator(build_parser().parse_args(["--port", str(port), "--dp-size", "2"]))
+        except RuntimeError:
+            continue
+        try:
+            assert (s2.pub_port, s2.replay_port) == (port, port + 2)
+        finally:
+            s2.close()
+        return
+    pytest.fail("no free run of 4 ports found in 5 tries")
