@@ -33,7 +33,8 @@
 //! counted in `blocks`): the mapping engine hash → prefix is still true, and
 //! the engine's own `BlockRemoved` later releases it.
 //!
-//! # Semantics (SPEC section 2; the Python model in tests/ mirrors this)
+//! # Semantics (SPEC section 2, with the choices where SPEC is silent in
+//! docs/choices.md; tests/model.py models them independently)
 //!
 //! Per worker W: a map `E_W` engine-key → prefix key and holdings
 //! `H_W` prefix key → tiers.
@@ -55,6 +56,9 @@
 //! - `holdings`: worker tiers on blocks and the per-worker engine-hash maps;
 //! - `lru`: the LRU list and eviction under a capacity bound;
 //! - `workers`: the worker and model registry;
+//! - `streams`: workers followed by an event stream (each worker owns its
+//!   [`crate::stream::Stream`]: state, position, replay, buffer; one lock
+//!   guards both the stream decisions and the holdings they change);
 //! - `apply`: applying decoded event batches;
 //! - `query`: prefix matching;
 //! - `stats`, `check`: sizes and invariant checks;
