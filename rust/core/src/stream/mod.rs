@@ -349,8 +349,11 @@ impl Stream {
     /// otherwise fill the gap with its own, spliced onto the old history).
     fn ask_from(&mut self, from: u64, now: f64) -> Todo {
         match self.last {
-            Some(l) if from > 0 && l == from - 1 => self.ask(Pending::Probe { seq: l, digest: self.digest }, now),
-            _ => self.ask(Pending::Fill { from }, now),
+            Some(l) => {
+                debug_assert_eq!(l + 1, from, "a fill always starts after the last applied seq");
+                self.ask(Pending::Probe { seq: l, digest: self.digest }, now)
+            }
+            None => self.ask(Pending::Fill { from }, now),
         }
     }
 
