@@ -33,6 +33,8 @@ EXTRA = st.sampled_from(["img-1", "img-2", "lora-a", 7, 1, -3, b"\xaa", ["img-1"
 SALTS = st.sampled_from(["salt-1", "salt-2"])
 LORAS = [(None, None), ("lora-a", None), (None, 3), ("lora-a", 3), ("lora-b", None)]
 MEDIA = [None, "GPU", "CPU", "CPU_PINNED", "DISK", "STORAGE", "EXTERNAL", "cpu", "NVME"]
+# The array form's field order, spelled from SPEC section 1 on purpose (the
+# model side must not borrow the decoder's constants it is testing).
 ARRAY_ORDER = [
     "block_hashes",
     "parent_block_hash",

@@ -2,38 +2,14 @@
 //! inputs) as the transport drives it: what gets applied, what is refused
 //! while a stream owns a worker, and which replay requests come back.
 
+mod common;
+
 use kvsync_core::wire::{self, Mode};
 use kvsync_core::{Index, IndexError, Query, State, StreamConfig, Todo};
-use rmp::encode as enc;
 
-/// A batch storing block `h` (tokens `[h, h]`, block size 2) chained from
-/// `parent`, stamped with `ts` so batches differ.
+/// A batch storing block `h` (tokens `[h, h]`) chained from `parent`.
 fn store(ts: f64, h: u64, parent: Option<u64>) -> Vec<u8> {
-    let mut b = Vec::new();
-    enc::write_array_len(&mut b, 3).unwrap();
-    enc::write_f64(&mut b, ts).unwrap();
-    enc::write_array_len(&mut b, 1).unwrap();
-    enc::write_map_len(&mut b, 5).unwrap();
-    enc::write_str(&mut b, "type").unwrap();
-    enc::write_str(&mut b, "BlockStored").unwrap();
-    enc::write_str(&mut b, "block_hashes").unwrap();
-    enc::write_array_len(&mut b, 1).unwrap();
-    enc::write_uint(&mut b, h).unwrap();
-    enc::write_str(&mut b, "parent_block_hash").unwrap();
-    match parent {
-        Some(p) => {
-            enc::write_uint(&mut b, p).unwrap();
-        }
-        None => enc::write_nil(&mut b).unwrap(),
-    }
-    enc::write_str(&mut b, "token_ids").unwrap();
-    enc::write_array_len(&mut b, 2).unwrap();
-    enc::write_uint(&mut b, h).unwrap();
-    enc::write_uint(&mut b, h).unwrap();
-    enc::write_str(&mut b, "block_size").unwrap();
-    enc::write_uint(&mut b, 2).unwrap();
-    enc::write_nil(&mut b).unwrap();
-    b
+    common::stored(ts, h, parent, h)
 }
 
 /// Engine-side history: seq i stores block i+1 chained from block i.

@@ -2,31 +2,13 @@
 //! idempotent registration, slot reuse and the epoch that tells callers to
 //! refresh slot maps, positions, capacity settings and stats sums.
 
+mod common;
+
 use kvsync_core::{payload_digest, ApplyStats, Index, IndexError};
-use rmp::encode as enc;
 
 /// One block (hash `h`, tokens `[t, t]`, block size 2), no parent.
 fn store(h: u64, t: u32) -> Vec<u8> {
-    let mut b = Vec::new();
-    enc::write_array_len(&mut b, 3).unwrap();
-    enc::write_f64(&mut b, 1.0).unwrap();
-    enc::write_array_len(&mut b, 1).unwrap();
-    enc::write_map_len(&mut b, 5).unwrap();
-    enc::write_str(&mut b, "type").unwrap();
-    enc::write_str(&mut b, "BlockStored").unwrap();
-    enc::write_str(&mut b, "block_hashes").unwrap();
-    enc::write_array_len(&mut b, 1).unwrap();
-    enc::write_uint(&mut b, h).unwrap();
-    enc::write_str(&mut b, "parent_block_hash").unwrap();
-    enc::write_nil(&mut b).unwrap();
-    enc::write_str(&mut b, "token_ids").unwrap();
-    enc::write_array_len(&mut b, 2).unwrap();
-    enc::write_uint(&mut b, u64::from(t)).unwrap();
-    enc::write_uint(&mut b, u64::from(t)).unwrap();
-    enc::write_str(&mut b, "block_size").unwrap();
-    enc::write_uint(&mut b, 2).unwrap();
-    enc::write_nil(&mut b).unwrap();
-    b
+    common::stored(1.0, h, None, u64::from(t))
 }
 
 #[test]
