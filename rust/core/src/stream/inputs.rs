@@ -174,12 +174,12 @@ impl Stream {
             match r.pending {
                 // Nothing at or after the seq we applied last: the engine
                 // lost it, so it restarted.
+                // (A gap fill after an applied seq is always such a probe,
+                // so an empty gap fill is a restart too.)
                 Pending::Probe { .. } => return self.restart(sink, now),
-                // Seqs at or after `from` were seen live, yet the engine
-                // has none of them: it lost what it published.
-                Pending::Fill { from } if self.buffer.range(from..).next().is_some() && from > 0 => {
-                    return self.restart(sink, now);
-                }
+                // A fill from 0 (nothing applied yet) that brings nothing:
+                // the engine has published nothing yet, or everything it did
+                // is buffered; `flush` asks again for any hole before it.
                 Pending::Fill { .. } => {}
             }
         }

@@ -409,9 +409,10 @@ impl Stream {
     }
 
     fn buffer(&mut self, seq: u64, payload: &[u8]) {
-        if let Some(old) = self.buffer.insert(seq, payload.to_vec()) {
-            self.buffered_bytes -= old.len();
-        }
+        // A live seq is never buffered twice: a repeated one is a restart,
+        // which empties the buffer first.
+        let repeated = self.buffer.insert(seq, payload.to_vec());
+        debug_assert!(repeated.is_none(), "seq {seq} buffered twice");
         self.buffered_bytes += payload.len();
         while self.buffer.len() > self.config.max_buffered || self.buffered_bytes > self.config.max_buffered_bytes {
             let Some((_, p)) = self.buffer.pop_first() else { break };

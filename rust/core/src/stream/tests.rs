@@ -569,3 +569,159 @@ fn the_buffer_holds_exactly_max_buffered_messages() {
     s.live(&mut Sk(&mut ix), 4, &batch(4), 0.3).unwrap();
     assert_eq!((s.buffered(), s.counters().overflows), ((3, 3 * one), 1));
 }
+
+// ---------------------------------------------------------------- counters
+// Each of these pins what `status()` reports for one path, exactly.
+
+#[test]
+fn live_messages_before_start_wait_for_the_history() {
+    let (mut ix, mut s) = setup(true);
+    s.live(&mut Sk(&mut ix), 0, &batch(0), 0.0).unwrap();
+    assert_eq!((s.state(), s.buffered().0, ix.stats().holdings), (State::Connecting, 1, 0));
+    s.start(&mut Sk(&mut ix), 0.1).unwrap();
+    s.replay_end(&mut Sk(&mut ix), 0.2).unwrap();
+    assert_eq!((s.state(), depth(&ix), s.buffered()), (State::Live, 1, (0, 0)));
+}
+
+#[test]
+fn a_first_live_seq_after_an_empty_history_fetches_what_came_before() {
+    let (mut ix, mut s) = setup(true);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    s.replay_end(&mut Sk(&mut ix), 0.0).unwrap();
+    // the engine's seqs 0..2 were lost to the slow joiner
+    assert_eq!(s.live(&mut Sk(&mut ix), 3, &batch(3), 0.1).unwrap().replay_from, Some(0));
+    let c = s.counters();
+    assert_eq!((c.gaps, c.dropped, c.replays), (1, 3, 2));
+    for seq in 0..4 {
+        s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 0.2).unwrap();
+    }
+    s.replay_end(&mut Sk(&mut ix), 0.2).unwrap();
+    let c = s.counters();
+    // the buffered live 3 was a duplicate of the replayed one
+    assert_eq!((s.state(), depth(&ix), c.batches, c.events, c.duplicates), (State::Live, 4, 4, 4, 1));
+}
+
+#[test]
+fn a_clean_live_message_ends_the_degraded_period_without_a_tick() {
+    let (mut ix, mut s) = setup(false);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    s.live(&mut Sk(&mut ix), 4, &batch(4), 1.0).unwrap(); // joined late
+    assert_eq!(s.state(), State::Degraded);
+    s.live(&mut Sk(&mut ix), 5, &batch(5), 6.0).unwrap();
+    assert_eq!(s.state(), State::Live);
+}
+
+#[test]
+fn stale_and_probe_replies_count_as_duplicates_and_a_probe_reply_keeps_the_deadline_ahead() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 5);
+    assert_eq!(s.reconnected(&mut Sk(&mut ix), 10.0).unwrap().replay_from, Some(4));
+    s.replayed(&mut Sk(&mut ix), 2, &batch(2), 10.1).unwrap(); // below the probe: stale
+    s.replayed(&mut Sk(&mut ix), 4, &batch(4), 10.9).unwrap(); // confirms the probe
+    assert_eq!(s.counters().duplicates, 2);
+    // the confirmation moved the deadline to 11.9
+    s.tick(&mut Sk(&mut ix), 11.5).unwrap();
+    assert_eq!((s.state(), s.counters().timeouts), (State::Replaying, 0));
+    s.replayed(&mut Sk(&mut ix), 5, &batch(5), 11.6).unwrap();
+    s.replay_end(&mut Sk(&mut ix), 11.6).unwrap();
+    assert_eq!((s.state(), depth(&ix), s.counters().purges), (State::Live, 6, 0));
+}
+
+#[test]
+fn a_confirmed_probe_whose_next_batch_never_comes_is_given_up_not_asked_forever() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 3);
+    s.reconnected(&mut Sk(&mut ix), 5.0).unwrap();
+    s.replayed(&mut Sk(&mut ix), 2, &batch(2), 5.1).unwrap();
+    // (an oversized batch 3 breaks the connection; nothing else comes)
+    assert_eq!(s.tick(&mut Sk(&mut ix), 6.2).unwrap().replay_from, None);
+    let c = s.counters();
+    assert_eq!((s.state(), c.timeouts, c.abandoned, c.purges), (State::Degraded, 1, 1, 1));
+}
+
+#[test]
+fn a_probe_that_brought_batches_then_went_silent_is_asked_again() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 3);
+    s.reconnected(&mut Sk(&mut ix), 5.0).unwrap();
+    for seq in 2..5 {
+        s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 5.1).unwrap();
+    }
+    assert_eq!(s.tick(&mut Sk(&mut ix), 6.2).unwrap().replay_from, Some(4));
+    assert_eq!((s.state(), s.counters().purges, depth(&ix)), (State::Replaying, 0, 5));
+}
+
+#[test]
+fn a_hole_between_the_replay_and_the_buffer_is_asked_for_once_then_given_up() {
+    let (mut ix, mut s) = setup(true);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    s.live(&mut Sk(&mut ix), 6, &batch(6), 0.0).unwrap();
+    for seq in 0..3 {
+        s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 0.1).unwrap();
+    }
+    // 3..5 missing: asked once more, from the last applied seq
+    assert_eq!(s.replay_end(&mut Sk(&mut ix), 0.1).unwrap().replay_from, Some(2));
+    assert_eq!((s.counters().gaps, s.counters().abandoned), (1, 0));
+    s.replayed(&mut Sk(&mut ix), 2, &batch(2), 0.2).unwrap();
+    s.replay_end(&mut Sk(&mut ix), 0.2).unwrap();
+    let c = s.counters();
+    // still missing: lost, purged, and the buffered 6 is the new start
+    assert_eq!((c.gaps, c.abandoned, c.lost, c.purges), (1, 1, 3, 1));
+    assert_eq!((s.state(), s.last_seq(), s.buffered()), (State::Degraded, Some(6), (0, 0)));
+}
+
+#[test]
+fn a_replay_given_up_with_a_hole_in_the_buffer_asks_for_the_hole() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 3);
+    s.live(&mut Sk(&mut ix), 5, &batch(5), 1.0).unwrap();
+    s.live(&mut Sk(&mut ix), 8, &batch(8), 1.0).unwrap();
+    // the gap fill never answers: given up, 3..4 lost, 5 is the new start,
+    // and the hole before 8 is asked for
+    assert_eq!(s.tick(&mut Sk(&mut ix), 2.1).unwrap().replay_from, Some(5));
+    let c = s.counters();
+    assert_eq!((s.state(), c.abandoned, c.lost, c.purges), (State::Replaying, 1, 2, 1));
+}
+
+#[test]
+fn a_replay_cap_counts_from_the_start_of_the_episode() {
+    let (mut ix, mut s) = cfg_with(|c| c.replay_max = 5.0);
+    started(&mut ix, &mut s, 1);
+    s.reconnected(&mut Sk(&mut ix), 100.0).unwrap();
+    s.replayed(&mut Sk(&mut ix), 0, &batch(0), 100.5).unwrap();
+    for (i, seq) in (1..8).enumerate() {
+        let now = 100.5 + 0.5 * i as f64;
+        s.replayed(&mut Sk(&mut ix), seq, &batch(seq), now).unwrap();
+        s.tick(&mut Sk(&mut ix), now).unwrap();
+        assert_eq!(s.state(), State::Replaying, "at {now}");
+    }
+    s.tick(&mut Sk(&mut ix), 105.0).unwrap();
+    assert_eq!((s.state(), s.counters().abandoned), (State::Degraded, 1));
+}
+
+#[test]
+fn a_dead_worker_with_nothing_applied_drops_what_it_buffered() {
+    let (mut ix, mut s) = cfg_with(|c| c.dead_after = 2.0);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    s.live(&mut Sk(&mut ix), 4, &batch(4), 0.1).unwrap();
+    s.disconnected(1.0);
+    assert_eq!(s.buffered().0, 1);
+    s.tick(&mut Sk(&mut ix), 3.0).unwrap();
+    assert_eq!(s.buffered(), (0, 0));
+}
+
+#[test]
+fn late_live_copies_of_batches_a_replay_brought_first_are_duplicates() {
+    let (mut ix, mut s) = setup(true);
+    s.start(&mut Sk(&mut ix), 0.0).unwrap();
+    s.live(&mut Sk(&mut ix), 5, &batch(5), 0.0).unwrap();
+    for seq in 0..8 {
+        s.replayed(&mut Sk(&mut ix), seq, &batch(seq), 0.1).unwrap();
+    }
+    s.replay_end(&mut Sk(&mut ix), 0.1).unwrap();
+    // 6 and 7 went live after 5 and arrive now
+    s.live(&mut Sk(&mut ix), 6, &batch(6), 0.2).unwrap();
+    s.live(&mut Sk(&mut ix), 7, &batch(7), 0.2).unwrap();
+    let c = s.counters();
+    assert_eq!((s.state(), c.resets, c.duplicates, depth(&ix)), (State::Live, 0, 3, 8));
+}
