@@ -725,3 +725,40 @@ fn late_live_copies_of_batches_a_replay_brought_first_are_duplicates() {
     let c = s.counters();
     assert_eq!((s.state(), c.resets, c.duplicates, depth(&ix)), (State::Live, 0, 3, 8));
 }
+
+#[test]
+fn events_count_every_block_event_of_applied_batches_and_late_replies_are_duplicates() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 2);
+    // a store whose parent is unknown (skipped) and a clear, in one batch
+    let mut b = Vec::new();
+    enc::write_array_len(&mut b, 3).unwrap();
+    enc::write_f64(&mut b, 9.0).unwrap();
+    enc::write_array_len(&mut b, 2).unwrap();
+    b.extend_from_slice(&store(0.0, 50, Some(49))[11..]); // the event of a store batch
+    b.truncate(b.len() - 1); // minus that batch's dp_rank
+    enc::write_array_len(&mut b, 1).unwrap();
+    enc::write_str(&mut b, "AllBlocksCleared").unwrap();
+    enc::write_nil(&mut b).unwrap();
+    assert!(crate::wire::decode(&b, crate::wire::Mode::Full).is_ok());
+    s.live(&mut Sk(&mut ix), 2, &b, 1.0).unwrap();
+    let c = s.counters();
+    assert_eq!((c.batches, c.events, ix.stats().holdings), (3, 4, 0));
+    // a reply after the replay ended belongs to nothing
+    s.replayed(&mut Sk(&mut ix), 1, &batch(1), 1.1).unwrap();
+    assert_eq!(s.counters().duplicates, 1);
+}
+
+#[test]
+fn a_probe_answered_from_later_on_goes_on_as_a_fill_that_is_asked_again_after_silence() {
+    let (mut ix, mut s) = setup(true);
+    started(&mut ix, &mut s, 3);
+    s.reconnected(&mut Sk(&mut ix), 5.0).unwrap(); // probe of seq 2
+                                                   // the engine's buffer starts at 6: 2 cannot be verified, 3..5 are lost
+    s.replayed(&mut Sk(&mut ix), 6, &batch(6), 5.1).unwrap();
+    s.replayed(&mut Sk(&mut ix), 7, &batch(7), 5.1).unwrap();
+    assert_eq!((s.counters().lost, s.counters().purges), (4, 1));
+    // then silence: the fill that follows is asked again from 7
+    assert_eq!(s.tick(&mut Sk(&mut ix), 6.2).unwrap().replay_from, Some(7));
+    assert_eq!(s.counters().purges, 1);
+}
