@@ -355,6 +355,53 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
+    /// What the pool's heap really holds, recomputed from scratch.
+    fn recomputed_bytes(p: &Pool) -> usize {
+        let sets: usize = p
+            .sets
+            .iter()
+            .map(|s| match s {
+                Set::Sparse(v) => v.capacity() * 4,
+                Set::Dense { bits, .. } => bits.capacity() * 8,
+            })
+            .sum();
+        p.sets.capacity() * std::mem::size_of::<Set>() + p.free.capacity() * 4 + sets
+    }
+
+    #[test]
+    fn memory_accounting_matches_the_heap_through_every_representation() {
+        let mut pool = Pool::default();
+        assert_eq!(pool.memory_bytes(), 0);
+        let mut handles = [0u32; 3];
+        // grow past the sparse form into bitmaps and back, in several sets
+        for round in 0..2u32 {
+            for slot in 0..600u32 {
+                for (i, h) in handles.iter_mut().enumerate() {
+                    if slot % (i as u32 + 1) == round % 2 {
+                        pool.set(h, slot, 1 + (slot % 7) as u8);
+                    }
+                    assert_eq!(pool.memory_bytes(), recomputed_bytes(&pool));
+                }
+            }
+            assert!(pool.memory_bytes() >= 600 / 8 * 3, "bitmaps are on the heap");
+            for slot in 0..600u32 {
+                for h in &mut handles {
+                    pool.set(h, slot, 0);
+                    assert_eq!(pool.memory_bytes(), recomputed_bytes(&pool));
+                }
+            }
+        }
+        assert_eq!(handles, [0; 3]);
+    }
+
+    #[test]
+    fn the_largest_slot_fits_the_inline_form() {
+        assert_eq!(MAX_SLOT, (1 << 28) - 1);
+        let e = pack(MAX_SLOT, 7);
+        assert_eq!(e & POOL_BIT, 0);
+        assert_eq!(unpack(e), (MAX_SLOT, 7));
+    }
+
     proptest! {
         #[test]
         fn behaves_like_a_map(ops in proptest::collection::vec((0u32..300, 0u8..8), 0..400)) {
