@@ -395,6 +395,31 @@ mod tests {
     }
 
     #[test]
+    fn intersect_keeps_only_holders_in_the_asked_tiers_beyond_4096_slots() {
+        // a few holders (sparse form) among 4,160 slots: the wide path
+        let mut pool = Pool::default();
+        let mut h = 0u32;
+        pool.set(&mut h, 5, 0b001); // gpu
+        pool.set(&mut h, 4100, 0b010); // cpu
+        pool.set(&mut h, 4101, 0b100); // storage
+        let words = 65;
+        for (mask, want) in
+            [(0b001, vec![5]), (0b010, vec![4100]), (0b110, vec![4100, 4101]), (0b111, vec![5, 4100, 4101])]
+        {
+            let mut alive = vec![u64::MAX; words];
+            pool.intersect(h, mask, &mut alive);
+            let got: Vec<u32> =
+                (0..words as u32 * 64).filter(|s| alive[(s / 64) as usize] >> (s % 64) & 1 == 1).collect();
+            assert_eq!(got, want, "mask {mask:#05b}");
+        }
+        // and a slot already dead stays dead
+        let mut alive = vec![u64::MAX; words];
+        alive[4100 / 64] = 0;
+        pool.intersect(h, 0b111, &mut alive);
+        assert_eq!(alive.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
+    }
+
+    #[test]
     fn the_largest_slot_fits_the_inline_form() {
         assert_eq!(MAX_SLOT, (1 << 28) - 1);
         let e = pack(MAX_SLOT, 7);
