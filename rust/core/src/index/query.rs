@@ -2,9 +2,87 @@
 //! the key table, intersecting the still-matching workers with each block's
 //! holders.
 
-use super::{Index, Query, NIL};
+use super::{Index, Model, Query, NIL};
 use crate::prefix::{block_key, namespace};
 use crate::wire::Value;
+
+/// The prefix keys of a query's full blocks, each chained from the one
+/// before (from the namespace root), hashed lazily: a walk that stops early
+/// hashes no further. None without a block size.
+struct Keys<'a, 'q, 'v> {
+    q: &'a Query<'q, 'v>,
+    /// The full blocks' tokens; none when the block size is not known.
+    blocks: std::iter::Enumerate<std::slice::ChunksExact<'q, u32>>,
+    prev: u64,
+}
+
+impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
+    fn new(q: &'a Query<'q, 'v>, block_size: Option<u32>) -> Self {
+        let tokens = if block_size.is_some() { q.tokens } else { &[] };
+        let blocks = tokens.chunks_exact(block_size.map_or(1, |b| b as usize)).enumerate();
+        Keys { q, blocks, prev: namespace(q.model, q.lora) }
+    }
+}
+
+impl Iterator for Keys<'_, '_, '_> {
+    type Item = u64;
+
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        let (i, toks) = self.blocks.next()?;
+        let extras: &[Value<'_>] = match self.q.extra_keys.and_then(|e| e.get(i)) {
+            Some(Some(v)) => v,
+            _ => &[],
+        };
+        self.prev = block_key(self.prev, toks, extras);
+        Some(self.prev)
+    }
+}
+
+/// The slots of a query's leading blocks the index knows, in order, until
+/// the first it does not: each found through the previous block's child
+/// hint (checked by key), else the key table.
+struct Walk<'a, 'q, 'v> {
+    ix: &'a Index,
+    keys: Keys<'a, 'q, 'v>,
+    hint: u32,
+}
+
+impl Iterator for Walk<'_, '_, '_> {
+    type Item = u32;
+
+    #[inline]
+    fn next(&mut self) -> Option<u32> {
+        let key = self.keys.next()?;
+        let slot = match self.ix.blocks.get(self.hint as usize) {
+            Some(b) if b.key() == key && b.refs != NIL => self.hint,
+            _ => self.ix.find_block(key)?,
+        };
+        self.hint = self.ix.blocks[slot as usize].child;
+        Some(slot)
+    }
+}
+
+/// Worker slots of the set bits of bitset word `w`.
+#[inline]
+fn slots_of(w: usize, mut bits: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if bits == 0 {
+            return None;
+        }
+        let bit = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        Some(w * 64 + bit)
+    })
+}
+
+/// Every member of `model` with its entry of `depth`, in registration-slot
+/// order (so answers print in a stable order).
+fn by_member<T: Copy>(model: &Model, depth: &[T], out: &mut Vec<(u32, T)>) {
+    for (w, &bits) in model.members.iter().enumerate() {
+        out.extend(slots_of(w, bits).map(|s| (s as u32, depth[s])));
+    }
+}
 
 impl Index {
     // ------------------------------------------------------------------ match
@@ -18,12 +96,19 @@ impl Index {
         out.into_iter().map(|(slot, d)| (self.worker(slot).id.as_str(), d)).collect()
     }
 
+    /// The model of a query and the walk over its blocks (empty until the
+    /// model's block size is known).
+    fn walk<'a, 'q, 'v>(&'a self, q: &'a Query<'q, 'v>) -> Option<(&'a Model, Walk<'a, 'q, 'v>)> {
+        let &m = self.model_by_name.get(q.model)?;
+        let model = &self.models[m as usize];
+        Some((model, Walk { ix: self, keys: Keys::new(q, model.block_size), hint: NIL }))
+    }
+
     /// [`Index::match_prefix`] by worker slot (see [`Index::worker_slots`]),
     /// into a reusable buffer; no allocation per worker.
     pub fn match_slots(&self, q: &Query<'_, '_>, out: &mut Vec<(u32, u32)>) {
         out.clear();
-        let Some(&m) = self.model_by_name.get(q.model) else { return };
-        let model = &self.models[m as usize];
+        let Some((model, walk)) = self.walk(q) else { return };
         let words = model.members.len();
         // Small fixed buffers cover 1,024 workers per model without allocating.
         let mut alive_buf = [0u64; 16];
@@ -39,62 +124,27 @@ impl Index {
         alive.copy_from_slice(&model.members);
         out.reserve(model.workers as usize);
         let mut i = 0u32;
-        if let Some(bs) = model.block_size {
-            let bs = bs as usize;
-            let nblocks = q.tokens.len() / bs;
-            let mut prev = namespace(&model.name, q.lora);
-            let mut hint = NIL;
-            while (i as usize) < nblocks {
-                let at = i as usize * bs;
-                let toks = &q.tokens[at..at + bs];
-                let extras: &[Value<'_>] = match q.extra_keys.and_then(|e| e.get(i as usize)) {
-                    Some(Some(v)) => v,
-                    _ => &[],
-                };
-                prev = block_key(prev, toks, extras);
-                let slot = match self.blocks.get(hint as usize) {
-                    Some(b) if b.key() == prev && b.refs != NIL => hint,
-                    _ => match self.find_block(prev) {
-                        Some(s) => s,
-                        None => break,
-                    },
-                };
-                hint = self.blocks[slot as usize].child;
-                before.copy_from_slice(alive);
-                self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
-                let mut any = 0;
-                for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
-                    any |= a;
-                    let mut gone = b & !a;
-                    while gone != 0 {
-                        let bit = gone.trailing_zeros();
-                        gone &= gone - 1;
-                        depth[w * 64 + bit as usize] = i;
-                    }
+        for slot in walk {
+            before.copy_from_slice(alive);
+            self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
+            let mut any = 0;
+            for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
+                any |= a;
+                for s in slots_of(w, b & !a) {
+                    depth[s] = i;
                 }
-                i += 1;
-                if any == 0 {
-                    break;
-                }
+            }
+            i += 1;
+            if any == 0 {
+                break;
             }
         }
         for (w, &a) in alive.iter().enumerate() {
-            let mut rest = a;
-            while rest != 0 {
-                let bit = rest.trailing_zeros() as usize;
-                rest &= rest - 1;
-                depth[w * 64 + bit] = i;
+            for s in slots_of(w, a) {
+                depth[s] = i;
             }
         }
-        // Registration-slot order, so answers print in a stable order.
-        for (w, &bits) in model.members.iter().enumerate() {
-            let mut rest = bits;
-            while rest != 0 {
-                let bit = rest.trailing_zeros() as usize;
-                rest &= rest - 1;
-                out.push(((w * 64 + bit) as u32, depth[w * 64 + bit]));
-            }
-        }
+        by_member(model, depth, out);
     }
 
     /// For every worker of the query's model, in one walk: the leading
@@ -106,88 +156,44 @@ impl Index {
     pub fn match_tiers(&self, q: &Query<'_, '_>, out: &mut Vec<(u32, [u32; 4])>) {
         const MASKS: [u8; 4] = [1, 2, 4, 7];
         out.clear();
-        let Some(&m) = self.model_by_name.get(q.model) else { return };
-        let model = &self.models[m as usize];
+        let Some((model, walk)) = self.walk(q) else { return };
         let words = model.members.len();
         // Not the hot path (a diagnostic answer): plain vectors suffice.
         let mut alive: [Vec<u64>; 4] = std::array::from_fn(|_| model.members.clone());
         let mut before = vec![0u64; words];
         let mut depth = vec![[0u32; 4]; words * 64];
         let mut i = 0u32;
-        if let Some(bs) = model.block_size {
-            let bs = bs as usize;
-            let mut prev = namespace(&model.name, q.lora);
-            let mut hint = NIL;
-            for (b, toks) in q.tokens.chunks_exact(bs).enumerate() {
-                let extras: &[Value<'_>] = match q.extra_keys.and_then(|e| e.get(b)) {
-                    Some(Some(v)) => v,
-                    _ => &[],
-                };
-                prev = block_key(prev, toks, extras);
-                let slot = match self.blocks.get(hint as usize) {
-                    Some(blk) if blk.key() == prev && blk.refs != NIL => hint,
-                    _ => match self.find_block(prev) {
-                        Some(s) => s,
-                        None => break,
-                    },
-                };
-                hint = self.blocks[slot as usize].child;
-                let holders = self.blocks[slot as usize].holders;
-                let mut any = 0;
-                for (k, alive) in alive.iter_mut().enumerate() {
-                    before.copy_from_slice(alive);
-                    self.pool.intersect(holders, MASKS[k], alive);
-                    for (w, (&was, &now)) in before.iter().zip(alive.iter()).enumerate() {
-                        any |= now;
-                        let mut gone = was & !now;
-                        while gone != 0 {
-                            let bit = gone.trailing_zeros() as usize;
-                            gone &= gone - 1;
-                            depth[w * 64 + bit][k] = i;
-                        }
+        for slot in walk {
+            let holders = self.blocks[slot as usize].holders;
+            let mut any = 0;
+            for (k, alive) in alive.iter_mut().enumerate() {
+                before.copy_from_slice(alive);
+                self.pool.intersect(holders, MASKS[k], alive);
+                for (w, (&was, &now)) in before.iter().zip(alive.iter()).enumerate() {
+                    any |= now;
+                    for s in slots_of(w, was & !now) {
+                        depth[s][k] = i;
                     }
                 }
-                i += 1;
-                if any == 0 {
-                    break;
-                }
+            }
+            i += 1;
+            if any == 0 {
+                break;
             }
         }
         for (k, alive) in alive.iter().enumerate() {
             for (w, &a) in alive.iter().enumerate() {
-                let mut rest = a;
-                while rest != 0 {
-                    let bit = rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    depth[w * 64 + bit][k] = i;
+                for s in slots_of(w, a) {
+                    depth[s][k] = i;
                 }
             }
         }
-        for (w, &bits) in model.members.iter().enumerate() {
-            let mut rest = bits;
-            while rest != 0 {
-                let bit = rest.trailing_zeros() as usize;
-                rest &= rest - 1;
-                out.push(((w * 64 + bit) as u32, depth[w * 64 + bit]));
-            }
-        }
+        by_member(model, &depth, out);
     }
 
     /// Prefix keys of a query's full blocks (for tools and tests).
     pub fn query_keys(&self, q: &Query<'_, '_>) -> Vec<u64> {
-        let Some(bs) = self.block_size(q.model) else { return Vec::new() };
-        let bs = bs as usize;
-        let mut prev = namespace(q.model, q.lora);
-        let mut out = Vec::new();
-        for (i, toks) in q.tokens.chunks_exact(bs).enumerate() {
-            let extras: &[Value<'_>] = match q.extra_keys.and_then(|e| e.get(i)) {
-                Some(Some(v)) => v,
-                _ => &[],
-            };
-            prev = block_key(prev, toks, extras);
-            out.push(prev);
-        }
-        out
+        Keys::new(q, self.block_size(q.model)).collect()
     }
 }
 
