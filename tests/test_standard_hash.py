@@ -169,7 +169,8 @@ def test_match_into_refuses_a_stale_order_or_a_wrong_buffer(index: kvsync.Index)
     assert out.tolist() == [0, 0]
     generation, names = index.worker_order("llama")
     assert names == ["pod-a", "pod-b", "pod-d"]
-    with pytest.raises(kvsync.InvalidArgumentError, match='out has 2 entries but model "llama" has 3 workers'):
+    wrong_size = 'out has 2 entries but model "llama" has 3 workers'
+    with pytest.raises(kvsync.InvalidArgumentError, match=wrong_size):
         index.match_into("llama", PROMPT, out, generation)
     with pytest.raises(kvsync.InvalidArgumentError, match="uint32 buffer"):
         index.match_into("llama", PROMPT, np.zeros(3, np.int64), generation)
