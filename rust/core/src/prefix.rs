@@ -68,15 +68,13 @@ pub fn namespace(model: &str, lora: Lora<'_>) -> u64 {
     h.digest()
 }
 
-#[cfg(target_endian = "little")]
 #[inline]
-fn token_bytes(tokens: &[u32]) -> &[u8] {
-    bytemuck::cast_slice(tokens)
-}
-
-#[cfg(not(target_endian = "little"))]
-fn token_bytes(tokens: &[u32]) -> Vec<u8> {
-    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+fn token_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(tokens))
+    } else {
+        std::borrow::Cow::Owned(tokens.iter().flat_map(|t| t.to_le_bytes()).collect())
+    }
 }
 
 /// The default seed of the standard rolling hash.
@@ -87,7 +85,7 @@ pub const DEFAULT_SEED: u64 = 1337;
 #[inline]
 pub fn local_hash(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
     if extras.is_empty() {
-        return xxh3_64_with_seed(token_bytes(tokens).as_ref(), seed);
+        return xxh3_64_with_seed(&token_bytes(tokens), seed);
     }
     local_hash_with_extras(tokens, extras, seed)
 }
@@ -97,7 +95,7 @@ pub fn local_hash(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
 #[inline(never)]
 fn local_hash_with_extras(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
     let mut h = Xxh3::with_seed(seed);
-    h.update(token_bytes(tokens).as_ref());
+    h.update(&token_bytes(tokens));
     h.update(&[0xfe]);
     h.update(&(extras.len() as u64).to_le_bytes());
     for v in extras {
