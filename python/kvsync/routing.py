@@ -155,7 +155,7 @@ class Router:
         """Requests routed and not released or expired, per worker."""
         with self._lock:
             self._expire(self._clock())
-            return {w: n for w, n in self._load.items() if n}
+            return dict(self._load)
 
     def release(self, request_id: str) -> bool:
         """The request finished; False if it was unknown, released or expired."""
@@ -164,7 +164,7 @@ class Router:
             entry = self._inflight.pop(request_id, None)
             if entry is None:
                 return False
-            self._load[entry[0]] -= 1
+            self._unload(entry[0])
             return True
 
     def route(
@@ -299,7 +299,7 @@ class Router:
             request_id = f"\0anonymous-{next(self._anonymous)}"
         old = self._inflight.pop(request_id, None)
         if old is not None:  # routed again: its load moves
-            self._load[old[0]] -= 1
+            self._unload(old[0])
         self._inflight[request_id] = (worker, now + self.load_ttl)
         self._load[worker] += 1
         if self.speculative_ttl > 0 and keys:
@@ -315,7 +315,7 @@ class Router:
             if expiry > now:
                 break
             del self._inflight[rid]
-            self._load[worker] -= 1
+            self._unload(worker)
         while self._spec_log and self._spec_log[0][0] <= now:
             _, model, worker, keys = self._spec_log.popleft()
             table = self._spec[model]
@@ -328,6 +328,11 @@ class Router:
                         del table[k]
             if not table:
                 del self._spec[model]
+
+    def _unload(self, worker: str) -> None:
+        self._load[worker] -= 1
+        if self._load[worker] <= 0:
+            del self._load[worker]  # workers come and go: keep no zeros
 
     def _speculative(self, model: str, keys: list[int]) -> dict[str, int]:
         """Leading blocks of the prompt each worker holds speculatively."""
