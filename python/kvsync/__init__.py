@@ -28,6 +28,7 @@ from kvsync._core import (
     WorkerStatus,
     __version__,
     decode,
+    seq_hashes,
 )
 from kvsync.errors import NoEligibleWorkerError, NoWorkersError
 from kvsync.routing import Route, Router, Score
@@ -57,4 +58,5 @@ __all__ = [
     "WorkerStatus",
     "__version__",
     "decode",
+    "seq_hashes",
 ]
