@@ -342,6 +342,7 @@ MEDIA = st.sampled_from(["GPU", "CPU", "STORAGE"])
 WORKER = st.fixed_dictionaries(
     {
         "tiers": st.lists(MEDIA, max_size=4),
+        "speculative": st.integers(0, 4),  # leading blocks of P routed to it just now
         "ready": st.booleans(),
         "state": st.sampled_from(["live", "degraded", "connecting", "disconnected", "stopped"]),
         "load": st.integers(0, 3),
@@ -359,10 +360,13 @@ def test_the_chosen_worker_minimises_the_policys_cost(
     workers: list[dict[str, Any]], policy: str, load_weight: float, seed: int
 ) -> None:
     f = Fleet(*(f"w{i}" for i in range(len(workers))))
-    router = f.router(speculative_ttl=0, load_weight=load_weight, seed=seed)
+    router = f.router(load_weight=load_weight, seed=seed)
     for i, w in enumerate(workers):
         wid = f"w{i}"
         hold(f.index, wid, P, w["tiers"])
+        if w["speculative"]:
+            router.route(MODEL, P[: w["speculative"] * BS], candidates=[wid], request_id="s")
+            router.release("s")
         for j in range(w["load"]):
             router.route(MODEL, Q, candidates=[wid], request_id=f"{wid}-{j}")
         f.states[wid] = w["state"]
@@ -377,14 +381,21 @@ def test_the_chosen_worker_minimises_the_policys_cost(
             router.route(MODEL, P, policy=policy)
         return
     r = router.route(MODEL, P, policy=policy)
-    value = {wid: sum(WEIGHT[t] for t in w["tiers"]) for wid, w in eligible.items()}
+    # The model: block i counts GPU while it is speculatively held, else its
+    # real tier; the walk ends where neither holds it.
+    held = {wid: max(len(w["tiers"]), w["speculative"]) for wid, w in eligible.items()}
+    value = {
+        wid: sum(1.0 if b < w["speculative"] else WEIGHT[w["tiers"][b]] for b in range(held[wid]))
+        for wid, w in eligible.items()
+    }
     load = {wid: w["load"] for wid, w in eligible.items()}
     cost = {wid: 4 - value[wid] + load_weight * load[wid] for wid in eligible}
     assert {s.worker for s in r.scores} == set(eligible)
     for s in r.scores:
-        assert s.matched_tokens == len(eligible[s.worker]["tiers"]) * BS
+        assert s.matched_tokens == held[s.worker] * BS
         assert s.load == load[s.worker]
     assert r.worker in eligible
+    assert r.matched_tokens == held[r.worker] * BS
     if policy == "prefix-load":
         assert cost[r.worker] == pytest.approx(min(cost.values()))
         assert r.scores[0].score == pytest.approx(cost[r.worker])
