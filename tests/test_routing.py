@@ -6,12 +6,15 @@ property that the chosen worker minimises the policy's cost."""
 from __future__ import annotations
 
 import math
+import threading
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -243,6 +246,63 @@ def test_speculative_blocks_count_as_gpu_over_real_ones() -> None:
     s = scores(router.route(MODEL, P))
     assert s["a"] == (16, 1, 2 * 1.0 + 2 * 0.75)
     assert s["b"] == (12, 1, 3.0)
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [np.array(P, dtype=np.uint32), np.array(P, dtype=np.int64), array("I", P), tuple(P)],
+    ids=["numpy-uint32", "numpy-int64", "array-I", "tuple"],
+)
+def test_token_buffers_route_like_lists_through_the_speculative_head(tokens: Any) -> None:
+    f = Fleet("a")
+    hold(f.index, "a", P, ["CPU"] * 4)
+    router = f.router(policy="prefix")
+    router.route(MODEL, tokens[: 2 * BS])
+    # blocks 0-1 count as GPU (routed just now), 2-3 as the CPU they are in
+    assert scores(router.route(MODEL, tokens))["a"] == (16, 1, 3.5)
+
+
+def test_speculation_keeps_adapters_and_extra_keys_apart() -> None:
+    f = Fleet("a", "b")
+    router = f.router(policy="prefix", seed=1)
+    plain = router.route(MODEL, P).worker
+    other = ({"a", "b"} - {plain}).pop()
+    # the same tokens under an adapter, or with an image in block 0, are
+    # other blocks: nothing is held speculatively for them yet
+    assert scores(router.route(MODEL, P, lora="sql", candidates=[other]))[other][0] == 0
+    assert scores(router.route(MODEL, P, lora="sql"))[other][0] == 16
+    assert scores(router.route(MODEL, P, lora="sql"))[plain][0] == 0
+    img = [["img-1"], None, None, None]
+    first = router.route(MODEL, P, extra_keys=img)
+    assert all(s.matched_tokens == 0 for s in first.scores)
+    again = router.route(MODEL, P, extra_keys=img)
+    assert again.worker == first.worker and again.matched_tokens == 16
+
+
+def test_concurrent_routes_and_releases_keep_the_books() -> None:
+    f = Fleet("a", "b", "c")
+    hold(f.index, "a", P, ["GPU"] * 2)
+    router = f.router()
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            for i in range(200):
+                rid = f"{n}-{i}"
+                router.route(MODEL, P if i % 2 else Q, request_id=rid)
+                assert router.release(rid)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert not errors
+    assert router.loads() == {}
+    assert router.routes["prefix-load"] == 800
 
 
 # ----------------------------------------------------------- eligibility
