@@ -133,9 +133,18 @@ impl Index {
         alive.copy_from_slice(&model.members);
         out.reserve(model.workers as usize);
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
+            let holders = self.blocks[slot as usize].holders;
+            if last == Some(holders) {
+                // The same holder set as the block before (a shared set, a
+                // stretch of one chain): the survivors cannot change.
+                i += 1;
+                continue;
+            }
+            last = Some(holders);
             before.copy_from_slice(alive);
-            self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
+            self.pool.intersect(holders, q.tiers, alive);
             let mut any = 0;
             for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
                 any |= a;
@@ -172,8 +181,14 @@ impl Index {
         let mut before = vec![0u64; words];
         let mut depth = vec![[0u32; 4]; words * 64];
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
             let holders = self.blocks[slot as usize].holders;
+            if last == Some(holders) {
+                i += 1;
+                continue;
+            }
+            last = Some(holders);
             let mut any = 0;
             for (k, alive) in alive.iter_mut().enumerate() {
                 before.copy_from_slice(alive);
