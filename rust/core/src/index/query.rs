@@ -43,13 +43,20 @@ impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
     #[inline(never)]
     fn refill(&mut self) -> bool {
         let mut n = 0;
-        for (i, toks) in self.blocks.by_ref().take(AHEAD) {
-            let extras: &[Value<'_>] = match self.q.extra_keys.and_then(|e| e.get(i)) {
-                Some(Some(v)) => v,
-                _ => &[],
-            };
-            self.locals[n] = local_hash(toks, extras, self.seed);
-            n += 1;
+        if let Some(extra_keys) = self.q.extra_keys {
+            for (i, toks) in self.blocks.by_ref().take(AHEAD) {
+                let extras: &[Value<'_>] = match extra_keys.get(i) {
+                    Some(Some(v)) => v,
+                    _ => &[],
+                };
+                self.locals[n] = local_hash(toks, extras, self.seed);
+                n += 1;
+            }
+        } else {
+            for ((_, toks), local) in self.blocks.by_ref().take(AHEAD).zip(self.locals.iter_mut()) {
+                *local = local_hash(toks, &[], self.seed);
+                n += 1;
+            }
         }
         self.next = 0;
         self.filled = n;
@@ -298,7 +305,11 @@ impl Index {
     /// Prefix keys of a query's full blocks (for tools and tests): the
     /// standard `seq` hashes XOR the query's namespace constant.
     pub fn query_keys(&self, q: &Query<'_, '_>) -> Vec<u64> {
-        Keys::new(q, self.block_size(q.model), self.seed).collect()
+        let bs = self.block_size(q.model);
+        let mut out =
+            Vec::with_capacity(q.hashes.map_or_else(|| q.tokens.len() / bs.map_or(1, |b| b as usize), <[u64]>::len));
+        out.extend(Keys::new(q, bs, self.seed));
+        out
     }
 }
 
