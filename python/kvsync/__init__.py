@@ -8,6 +8,8 @@ exception callers already catch (``DecodeError`` is a ``ValueError``,
 ``UnknownWorkerError`` a ``KeyError``, ``FileError`` an ``OSError``, ...).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from kvsync._core import (
     AlreadyFollowedError,
     ApplyStats,
@@ -28,10 +30,14 @@ from kvsync._core import (
 )
 from kvsync.transport import EventManager, Pod
 
+if TYPE_CHECKING:
+    from kvsync.client import Client, ServiceError
+
 __all__ = [
     "AlreadyFollowedError",
     "ApplyStats",
     "Batch",
+    "Client",
     "DecodeError",
     "Error",
     "Event",
@@ -41,6 +47,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvariantError",
     "Pod",
+    "ServiceError",
     "SnapshotError",
     "UnknownWorkerError",
     "WorkerBusyError",
@@ -48,3 +55,13 @@ __all__ = [
     "__version__",
     "decode",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The HTTP client (and httpx) is loaded on first use: `import kvsync`
+    # stays fast for users of the library alone.
+    if name in ("Client", "ServiceError"):
+        from kvsync import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'kvsync' has no attribute {name!r}")
