@@ -81,6 +81,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     stats.update(service.metrics.rates())
     stats["routes"] = dict(service.router.routes)
     stats["snapshot_age_seconds"] = service.snapshots.age()
+    stats["started_from"] = service.snapshots.origin
     return reply(stats)
 
 
