@@ -27,6 +27,7 @@ from kvsync._core import (
     WorkerStatus,
     __version__,
     decode,
+    seq_hashes,
 )
 from kvsync.transport import EventManager, Pod
 
@@ -54,6 +55,7 @@ __all__ = [
     "WorkerStatus",
     "__version__",
     "decode",
+    "seq_hashes",
 ]
 
 

@@ -18,6 +18,7 @@
 mod convert;
 mod decode;
 mod errors;
+mod hashes;
 mod index;
 mod lock;
 mod results;
@@ -44,5 +45,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Streams>()?;
     m.add_class::<WorkerStatus>()?;
     m.add_function(wrap_pyfunction!(decode::decode, m)?)?;
+    m.add_function(wrap_pyfunction!(hashes::seq_hashes, m)?)?;
+    m.add("DEFAULT_HASH_SEED", kvsync_core::prefix::DEFAULT_SEED)?;
     Ok(())
 }
