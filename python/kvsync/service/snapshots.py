@@ -84,6 +84,16 @@ class Snapshots:
         return index
 
     def _check(self, index: Index, where: str) -> None:
+        capacity = index.stats()["capacity_blocks"]
+        if capacity != self.settings.capacity_blocks:
+            log.warning(
+                "%s holds capacity_blocks=%s, the configuration says %s: the snapshot's "
+                "bound applies",
+                where,
+                capacity,
+                self.settings.capacity_blocks,
+            )
+        # The snapshot records its seed; checked when the index exposes it.
         seed = getattr(index, "hash_seed", self.settings.hash_seed)
         if seed != self.settings.hash_seed:
             raise ValueError(
