@@ -212,8 +212,12 @@ def _peer(request: web.Request) -> str | None:
 
 async def handle_register(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    req = await read_json(request, RegisterRequest)
-    await asyncio.to_thread(register, service, req, _peer(request))
+    try:
+        req = await read_json(request, RegisterRequest)
+        await asyncio.to_thread(register, service, req, _peer(request))
+    except HTTPError:
+        service.metrics.register_errors += 1  # kvsync_discovery_errors_total{source="register"}
+        raise
     return reply({"status": "registered successfully", "instance_id": req.instance_id})
 
 
