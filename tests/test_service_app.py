@@ -295,3 +295,28 @@ def test_tokens_by_instance_takes_the_max_over_ranks_and_lists_everyone() -> Non
         "default": {"b": out["default"]["b"]}
     }
     assert tokens_by_instance(svc, "other", detail, 16, None, None) == {}
+
+
+def test_readiness_waits_for_discovery_then_workers_then_grace(tmp_path: Path) -> None:
+    import json
+
+    pods = tmp_path / "pods.json"
+    pods.write_text(
+        json.dumps({"pods": [{"name": "p", "model": "m", "host": "127.0.0.1", "pub_port": 1}]})
+    )
+    svc = build_service(settings(pods=str(pods), ready_grace=10))
+    now = [100.0]
+    svc.clock = lambda: now[0]
+    try:
+        assert svc.not_ready() == ["discovery has not completed its first sync"]
+        assert svc.static is not None and svc.static.load_once()
+        assert svc.not_ready() == ["worker 'p' has not caught up with its engine yet"]
+        now[0] += 9.0
+        assert svc.not_ready() != []
+        now[0] += 2.0  # past ready_grace: stop waiting for it
+        assert svc.not_ready() == []
+        svc.first_seen["p"] = now[0]  # a worker that caught up once stays counted
+        svc.caught_up.add("p")
+        assert svc.not_ready() == []
+    finally:
+        svc.manager.stop()

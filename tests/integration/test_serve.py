@@ -331,6 +331,8 @@ def test_bad_requests_never_take_it_down(serve: Callable[..., Serve]) -> None:
             headers=auth,
         )
         assert r.status_code == 400 and "`block_size`" in r.json()["error"]
+        metrics = h.get("/metrics", headers=auth).text
+        assert 'kvsync_discovery_errors_total{source="register"} 1.0' in metrics
         assert h.get("/healthz").json() == {"status": "ok"}
     assert server.proc.poll() is None
 
