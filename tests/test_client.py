@@ -21,9 +21,9 @@ def closed_port() -> int:
 
 
 def test_an_unreachable_server_raises_service_error_without_status() -> None:
-    with kvsync.Client(f"http://127.0.0.1:{closed_port()}", timeout=2.0) as c:
-        with pytest.raises(kvsync.ServiceError) as e:
-            c.healthz()
+    url = f"http://127.0.0.1:{closed_port()}"
+    with kvsync.Client(url, timeout=2.0) as c, pytest.raises(kvsync.ServiceError) as e:
+        c.healthz()
     assert e.value.status is None and "/healthz" in e.value.message
     assert isinstance(e.value, kvsync.Error)
 
