@@ -7,6 +7,7 @@ snapshot; bad requests never take the process down."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,11 +184,12 @@ def test_restart_from_the_snapshot_resumes_and_converges(
     step(engines)
     pods = pods_file(tmp_path / "pods.json", engines, MODEL)
     snap = tmp_path / "index.snapshot"
-    args = ("--pods", str(pods), "--snapshot", str(snap))
+    args = ("--pods", str(pods), "--snapshot", str(snap), "--snapshot-interval", "0.3")
     first = serve(*args)
     wait_for(lambda: caught_up(first, engines), what="first run caught up")
-    first.client.save_snapshot()
-    first.kill()  # a crash: only the saved snapshot survives
+    since = time.time()
+    wait_for(lambda: snap.exists() and snap.stat().st_mtime > since, what="a periodic save")
+    first.kill()  # a crash: only the periodically saved snapshot survives
     step(engines)  # history the restarted replica has to replay
     second = serve(*args)
     assert second.client.stats()["started_from"] == "snapshot"
@@ -348,3 +350,20 @@ def test_the_example_config_starts_without_engines(serve: Callable[..., Serve]) 
     assert e.value.status == 503 and "caught up" in e.value.message
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(20) == 0
+
+
+def test_query_by_hash_uses_the_configured_hash_seed(
+    sims: Sims, serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    engines: Engines = {"pod-a": (sims("--seed", "5"), 1)}
+    step(engines)
+    pods = pods_file(tmp_path / "pods.json", engines, MODEL)
+    server = serve("--pods", str(pods), "--hash-seed", "99")
+    wait_for(lambda: caught_up(server, engines), what="caught up")
+    bs, held, prompts = truth_of(engines)
+    prompt = max(prompts, key=len)
+    want = expected_query(bs, held, prompt)
+    assert want["default"]["pod-a"]["longest_matched"] > 0
+    assert server.client.query_by_hash(MODEL, kvsync.seq_hashes(prompt, bs, seed=99)) == want
+    other = server.client.query_by_hash(MODEL, kvsync.seq_hashes(prompt, bs))
+    assert other["default"]["pod-a"]["longest_matched"] == 0
