@@ -161,6 +161,14 @@ def test_a_body_over_the_limit_gets_413(service: Service) -> None:
             "`extra_keys[0]`",
         ),
         ("/v1/release", b"{}", "`request_id`"),
+        (
+            "/v1/route",
+            b'{"model": "m", "token_ids": [1], "extra_keys": [['
+            + b"[" * 1500
+            + b"]" * 1500
+            + b"]]}",
+            "nested too deeply",
+        ),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(

@@ -72,6 +72,8 @@ async def read_json(request: web.Request, kind: type[T]) -> T:
         raise HTTPError(400, f"invalid request: {_field_message(e)}") from None
     except msgspec.DecodeError as e:
         raise HTTPError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise HTTPError(400, "malformed JSON: nested too deeply") from None
 
 
 def _field_message(e: msgspec.ValidationError) -> str:
