@@ -150,3 +150,11 @@ def test_serve_refuses_a_public_address_without_a_token(
     assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "`token`" in err and "--insecure" in err
+
+
+def test_a_kubernetes_service_link_is_not_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Service named kvsync injects KVSYNC_PORT=tcp://... into the namespace's pods.
+    monkeypatch.setenv("KVSYNC_PORT", "tcp://10.96.0.7:8080")
+    assert load().port == 8080
+    monkeypatch.setenv("KVSYNC_PORT", "9090")
+    assert load().port == 9090

@@ -146,10 +146,30 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Flags (passed as init arguments) > environment > the TOML file.
-        return (init_settings, env_settings, _FileSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls, env_settings), _FileSource(settings_cls))
 
     def token_value(self) -> str | None:
         return None if self.token is None else self.token.get_secret_value()
+
+
+class _EnvSource(PydanticBaseSettingsSource):
+    """``KVSYNC_<KEY>``, less Kubernetes' service links: a Service named
+    ``kvsync`` puts ``KVSYNC_PORT=tcp://10.96.0.7:8080`` into every pod of its
+    namespace, which is not a port setting."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.env = env
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.env.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = dict(self.env())
+        port = data.get("port")
+        if isinstance(port, str) and port.startswith(("tcp://", "udp://")):
+            del data["port"]
+        return data
 
 
 class _FileSource(PydanticBaseSettingsSource):
