@@ -134,9 +134,10 @@ async def serve(settings: Settings, on_listening: Callable[[str], None] | None =
         for addr in runner.addresses:
             host, port = addr[0], addr[1]
             url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-            log.info("listening on %s", url)
             if on_listening is not None:
                 on_listening(url)
+            else:
+                log.info("listening on %s", url)
         tasks = [
             asyncio.create_task(_ticker(service)),
             asyncio.create_task(service.snapshots.run_periodic()),
