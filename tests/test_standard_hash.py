@@ -4,6 +4,7 @@ cached value of ``Index.match_scores`` (section 7)."""
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,41 @@ def test_match_scores_weigh_each_block_by_its_best_tier() -> None:
     assert ix.match_scores("other", PROMPT) == {}
     with pytest.raises(kvsync.InvalidArgumentError, match="weights must be finite and >= 0"):
         ix.match_scores("m", PROMPT, weights=(1.0, -1.0, 0.0))
+
+
+def test_match_into_writes_depths_in_the_cached_worker_order(index: kvsync.Index) -> None:
+    generation, names = index.worker_order("llama")
+    assert names == ["pod-a", "pod-b"]
+    out = np.full(len(names), 99, dtype=np.uint32)
+    assert index.match_into("llama", PROMPT, out, generation) == 2
+    assert dict(zip(names, out.tolist(), strict=True)) == index.match("llama", PROMPT)
+    assert index.match_into("llama", PROMPT, out, generation, lora="sql") == 2
+    assert out.tolist() == [0, 1]
+    arr = array("I", [7, 7])
+    index.match_into("llama", PROMPT, arr, generation, tiers="cpu")
+    assert arr.tolist() == [0, 0]
+    assert index.worker_order("nobody") == (generation, [])
+    assert index.match_into("nobody", PROMPT, np.empty(0, np.uint32), generation) == 0
+
+
+def test_match_into_refuses_a_stale_order_or_a_wrong_buffer(index: kvsync.Index) -> None:
+    generation, names = index.worker_order("llama")
+    out = np.zeros(len(names), dtype=np.uint32)
+    index.add_worker("pod-d", model="llama")
+    # positions would now name other workers: refused, nothing written
+    with pytest.raises(kvsync.InvalidArgumentError, match="the workers changed since worker_order"):
+        index.match_into("llama", PROMPT, out, generation)
+    assert out.tolist() == [0, 0]
+    generation, names = index.worker_order("llama")
+    assert names == ["pod-a", "pod-b", "pod-d"]
+    wrong_size = 'out has 2 entries but model "llama" has 3 workers'
+    with pytest.raises(kvsync.InvalidArgumentError, match=wrong_size):
+        index.match_into("llama", PROMPT, out, generation)
+    with pytest.raises(kvsync.InvalidArgumentError, match="uint32 buffer"):
+        index.match_into("llama", PROMPT, np.zeros(3, np.int64), generation)
+    frozen = np.zeros(3, np.uint32)
+    frozen.flags.writeable = False
+    with pytest.raises(kvsync.InvalidArgumentError, match="uint32 buffer"):
+        index.match_into("llama", PROMPT, frozen, generation)
+    with pytest.raises(kvsync.InvalidArgumentError, match="1-D contiguous"):
+        index.match_into("llama", PROMPT, np.zeros(6, np.uint32)[::2], generation)

@@ -1,11 +1,14 @@
 """kvsync: exact KV-cache event synchronization for vLLM and SGLang fleets.
 
 The index and the wire decoder are in Rust (``kvsync._core``); this package
-re-exports them and adds the command line (``kvsync``).
+re-exports them and adds the transport (``EventManager``), discovery
+(``kvsync.discovery``), routing (``Router``) and the command line
+(``kvsync``).
 
 Every error kvsync raises is a ``kvsync.Error`` and also the builtin
 exception callers already catch (``DecodeError`` is a ``ValueError``,
-``UnknownWorkerError`` a ``KeyError``, ``FileError`` an ``OSError``, ...).
+``UnknownWorkerError`` a ``KeyError``, ``FileError`` an ``OSError``,
+``NoWorkersError`` a ``LookupError``, ...).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,8 @@ from kvsync._core import (
     decode,
     seq_hashes,
 )
+from kvsync.errors import NoEligibleWorkerError, NoWorkersError
+from kvsync.routing import Route, Router, Score
 from kvsync.transport import EventManager, Pod
 
 if TYPE_CHECKING:
@@ -47,7 +52,12 @@ __all__ = [
     "Index",
     "InvalidArgumentError",
     "InvariantError",
+    "NoEligibleWorkerError",
+    "NoWorkersError",
     "Pod",
+    "Route",
+    "Router",
+    "Score",
     "ServiceError",
     "SnapshotError",
     "UnknownWorkerError",

@@ -175,6 +175,24 @@ class Index:
     ) -> dict[str, dict[str, int]]:
         """``{worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}``, all of one moment."""
 
+    def worker_order(self, model: str) -> tuple[int, list[str]]:
+        """``(generation, names)``: the worker ids of ``model`` in the order
+        ``match_into`` writes their depths; valid while the workers do not change."""
+
+    def match_into(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        out: Buffer,
+        generation: int,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+        tiers: str | Iterable[str] | None = None,
+    ) -> int:
+        """``match`` into a writable uint32 buffer of ``len(names)`` entries: ``out[i]``
+        is the depth of ``names[i]`` of ``worker_order(model)``; returns that count.
+        Raises InvalidArgumentError if the workers changed since ``generation``."""
+
     def match_hashes(
         self,
         model: str,

@@ -344,6 +344,37 @@ impl Index {
         Ok(Index::answer(py, &names, model, &found)?)
     }
 
+    /// `(generation, names)`: the worker ids of `model` in the order
+    /// `match_into` writes their depths; valid while `generation` is the
+    /// index's worker generation (any worker added or removed changes it).
+    fn worker_order(&self, py: Python<'_>, model: &str) -> (u64, Vec<String>) {
+        self.inner.with_read(py, |ix| crate::buffer::worker_order(ix, model))
+    }
+
+    /// `match` without a dict: writes the depth of `names[i]` (from
+    /// `worker_order(model)` of `generation`) into `out[i]`, a writable
+    /// uint32 buffer of exactly `len(names)` entries; returns that count.
+    /// Raises InvalidArgumentError when the workers changed since.
+    #[pyo3(signature = (model, token_ids, out, generation, lora=None, extra_keys=None, tiers=None))]
+    #[allow(clippy::too_many_arguments)] // the match arguments plus the buffer and its generation
+    fn match_into(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        token_ids: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        generation: u64,
+        lora: Option<&Bound<'_, PyAny>>,
+        extra_keys: Option<&Bound<'_, PyAny>>,
+        tiers: Option<&Bound<'_, PyAny>>,
+    ) -> Result<usize> {
+        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
+        let mask = tiers_of(tiers)?;
+        let buf = crate::buffer::out_buffer(out)?;
+        let found = self.inner.with_read(py, |ix| args.with_query(model, mask, |q| crate::buffer::depths(ix, q)));
+        crate::buffer::write(py, &buf, model, generation, found)
+    }
+
     /// Like `match_detail`, for a prompt given as standard `seq` hashes.
     #[pyo3(signature = (model, seq_hashes, lora=None))]
     fn match_detail_hashes<'py>(

@@ -15,6 +15,7 @@
 // PyO3 extracts arguments by value (PyBackedBytes, PathBuf, Vec).
 #![allow(clippy::needless_pass_by_value)]
 
+mod buffer;
 mod convert;
 mod decode;
 mod errors;
