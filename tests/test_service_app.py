@@ -328,3 +328,16 @@ def test_readiness_waits_for_discovery_then_workers_then_grace(tmp_path: Path) -
         assert svc.not_ready() == []
     finally:
         svc.manager.stop()
+
+
+def test_readiness_names_a_broken_pods_file(tmp_path: Path) -> None:
+    pods = tmp_path / "pods.json"
+    pods.write_text('{"pods": [{"name": "p"}]}')  # no model, no host
+    svc = build_service(settings(pods=str(pods)))
+    try:
+        assert svc.static is not None and not svc.static.load_once()
+        reasons = svc.not_ready()
+        assert reasons[0] == "discovery has not completed its first sync"
+        assert reasons[1].startswith("pods file: ") and "pods.json" in reasons[1]
+    finally:
+        svc.manager.stop()

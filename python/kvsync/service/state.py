@@ -65,6 +65,8 @@ class Service:
         reasons: list[str] = []
         if not self.reconciler.synced:
             reasons.append("discovery has not completed its first sync")
+        if self.static is not None and self.static.last_error is not None:
+            reasons.append(f"pods file: {self.static.last_error}")
         now = self.clock()
         grace = self.settings.ready_grace
         for wid, since in sorted(self.first_seen.items()):
