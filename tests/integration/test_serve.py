@@ -367,3 +367,59 @@ def test_query_by_hash_uses_the_configured_hash_seed(
     assert server.client.query_by_hash(MODEL, kvsync.seq_hashes(prompt, bs, seed=99)) == want
     other = server.client.query_by_hash(MODEL, kvsync.seq_hashes(prompt, bs))
     assert other["default"]["pod-a"]["longest_matched"] == 0
+
+
+def test_query_reports_tiers_and_cache_salt_of_a_raw_publisher(
+    serve: Callable[..., Serve],
+) -> None:
+    """A hand-made publisher (no replay endpoint): blocks stored with an
+    SGLang cache_salt, then offloaded to CPU and to disk, as /query reports
+    them per tier; the salt must be given to match."""
+    import msgpack
+    import zmq
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        server = serve()
+        c = server.client
+        c.register(f"tcp://127.0.0.1:{port}", MODEL, "raw", 4)
+        tokens = list(range(100, 112))  # three blocks of 4
+        stored = {
+            "type": "BlockStored",
+            "block_hashes": [1, 2, 3],
+            "parent_block_hash": None,
+            "token_ids": tokens,
+            "block_size": 4,
+            "medium": "GPU",
+            "cache_salt": "salt-1",
+        }
+        # Offloads carry only engine hashes: blocks 1-2 to CPU, block 1 to disk.
+        cpu = {"type": "BlockStored", "block_hashes": [1, 2], "token_ids": [], "medium": "CPU"}
+        disk = {"type": "BlockStored", "block_hashes": [1], "token_ids": [], "medium": "DISK"}
+        payload = msgpack.packb([1.0, [stored, cpu, disk], None])
+        seq = 0
+
+        def published() -> bool:
+            nonlocal seq
+            # The subscription may not be up yet (no replay to fetch a missed
+            # batch): publish the same idempotent batch until it lands.
+            pub.send_multipart([b"", seq.to_bytes(8, "big"), payload])
+            seq += 1
+            row = c.workers().get("raw/dp0")
+            return row is not None and row["holdings"] == 3
+
+        wait_for(published, what="the raw publisher's blocks")
+        want = {"longest_matched": 12, "GPU": 12, "CPU": 8, "DISK": 4, "DP": {"0": 12}}
+        assert c.query(MODEL, [*tokens, 1, 2], cache_salt="salt-1") == {"default": {"raw": want}}
+        zero = {"longest_matched": 0, "GPU": 0, "CPU": 0, "DISK": 0, "DP": {"0": 0}}
+        assert c.query(MODEL, tokens) == {"default": {"raw": zero}}
+        assert c.query(MODEL, tokens, cache_salt="salt-2") == {"default": {"raw": zero}}
+        with pytest.raises(kvsync.ServiceError) as e:
+            c.query(MODEL, tokens, block_size=16)
+        assert e.value.status == 400 and "block_size" in e.value.message
+    finally:
+        pub.close(linger=0)
+        ctx.term()
