@@ -3,7 +3,8 @@ over loopback, aiohttp vs Starlette on uvicorn (docs/choices.md).
 
 Each server runs in a child process; one client thread sends POSTs over one
 keep-alive connection (``http.client``) for ``--seconds`` and reports the
-median, p99 and requests per second. Run: ``python bench/http_framework.py``.
+median, p99 and requests per second. Run: ``python bench/http_framework.py``
+(needs ``pip install orjson starlette uvicorn`` besides kvsync's own aiohttp).
 """
 
 from __future__ import annotations

@@ -63,12 +63,12 @@ def build_parser(p: argparse.ArgumentParser) -> None:
         help="allow listening on a non-loopback address without a token",
     )
     for flag, key, text in FLAGS:
-        p.add_argument(flag, dest=f"cfg_{key}", metavar="VALUE", help=text)
+        p.add_argument(flag, dest=f"cfg_{key}", metavar=key.upper(), help=text)
     p.add_argument(
         "--kubernetes", action="store_true", default=None, help="discover engine pods in Kubernetes"
     )
     for flag, key, text in K8S_FLAGS:
-        p.add_argument(flag, dest=f"k8s_{key}", metavar="VALUE", help=text)
+        p.add_argument(flag, dest=f"k8s_{key}", metavar=key.upper(), help=text)
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, Any]:
