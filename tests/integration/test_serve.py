@@ -423,3 +423,15 @@ def test_query_reports_tiers_and_cache_salt_of_a_raw_publisher(
     finally:
         pub.close(linger=0)
         ctx.term()
+
+
+def test_a_corrupt_snapshot_is_reported_and_replaced(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    snap = tmp_path / "index.snapshot"
+    snap.write_bytes(b"not a snapshot at all")
+    server = serve("--snapshot", str(snap))
+    assert server.client.stats()["started_from"] == "empty"
+    assert "not usable" in server.output() and str(snap) in server.output()
+    assert server.terminate() == 0
+    assert kvsync.Index.load(snap).stats()["workers"] == 0  # the shutdown save replaced it
