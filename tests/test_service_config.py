@@ -158,3 +158,23 @@ def test_a_kubernetes_service_link_is_not_a_port(monkeypatch: pytest.MonkeyPatch
     assert load().port == 8080
     monkeypatch.setenv("KVSYNC_PORT", "9090")
     assert load().port == 9090
+
+
+def test_a_snapshot_of_another_hash_seed_is_not_loaded(tmp_path: Path) -> None:
+    """Its keys would never match a query hashed with the configured seed:
+    start-up begins empty (the engines' replays rebuild it) instead."""
+    import kvsync
+    from kvsync.service.mooncake import Registry
+    from kvsync.service.snapshots import Snapshots
+
+    snap = tmp_path / "index.kvs"
+    old = kvsync.Index(hash_seed=42)
+    old.add_worker("a", model="m")
+    old.save(snap)
+    snapshots = Snapshots(load(flags={"snapshot": str(snap), "hash_seed": 1337}), Registry())
+    index = snapshots.load_initial()
+    assert snapshots.origin != "snapshot"
+    assert (index.hash_seed, index.workers()) == (1337, {})
+    same = Snapshots(load(flags={"snapshot": str(snap), "hash_seed": 42}), Registry())
+    assert same.load_initial().workers() == {"a": "m"}
+    assert same.origin == "snapshot"

@@ -93,8 +93,8 @@ class Snapshots:
                 capacity,
                 self.settings.capacity_blocks,
             )
-        # The snapshot records its seed; checked when the index exposes it.
-        seed = getattr(index, "hash_seed", self.settings.hash_seed)
+        # Keys of another seed would never match a query hashed with ours.
+        seed = index.hash_seed
         if seed != self.settings.hash_seed:
             raise ValueError(
                 f"{where} was built with hash_seed {seed}, the configuration says "
