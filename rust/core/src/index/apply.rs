@@ -199,7 +199,18 @@ impl Index {
             let seq = chain(prev, local_hash(toks, &extras, self.seed), self.seed);
             prev = Some(seq);
             let key = seq ^ ns;
-            let slot = self.intern_block(key);
+            // A prefix other workers stored already: the parent's child hint
+            // usually names this block, which saves the key-table probe.
+            let hinted = match self.blocks.get(prev_slot as usize) {
+                Some(p) => {
+                    self.blocks.get(p.child as usize).filter(|c| c.refs != NIL && c.key() == key).map(|_| p.child)
+                }
+                None => None,
+            };
+            let slot = match hinted {
+                Some(slot) => slot,
+                None => self.intern_block(key),
+            };
             if prev_slot != NIL {
                 self.blocks[prev_slot as usize].child = slot;
             }
