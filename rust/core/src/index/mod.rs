@@ -218,7 +218,7 @@ pub struct Query<'q, 'v> {
     /// Per-block extra keys (multimodal ids, cache salt); block `i` uses
     /// entry `i` when present.
     pub extra_keys: Option<&'q [Option<Vec<Value<'v>>>]>,
-    /// Tiers that count ([`Tier::bit`] mask; 7 = any).
+    /// Tiers that count ([`crate::prefix::Tier::bit`] mask; 7 = any).
     pub tiers: u8,
     /// The prompt as standard `seq` hashes instead of tokens (then `tokens`
     /// and `extra_keys` are not used, nor is the model's block size).
