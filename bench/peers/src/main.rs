@@ -17,6 +17,9 @@ mod report;
 mod run;
 mod workload;
 
+#[cfg(test)]
+mod tests;
+
 use std::process::ExitCode;
 
 use peers::dynamo::{DynamoPool, DynamoRadix};

@@ -14,8 +14,11 @@
 //!   four a prefix of one of 64 shared documents, the rest private, each
 //!   followed by up to 3 single-block decode stores; every fourth prompt
 //!   evicts the tail (1-64 blocks, tail first, as vLLM's block pool frees
-//!   them) of an earlier private prompt; the system prompt is re-sent at
-//!   the end (stores are idempotent).
+//!   them) of an earlier private prompt, every eighth one a single
+//!   interior block of one (a hole: the worker's prefix ends there), and
+//!   every eighth the oldest hole is refilled (the engine recomputes from
+//!   the missing block on and stores all of it again, as vLLM does); the
+//!   system prompt is re-sent at the end (stores are idempotent).
 //! - `Unshared`: the same without the system prompt, the hot prompt or the
 //!   documents: every block is held by one worker only.
 //!
@@ -182,6 +185,15 @@ fn chain(parent: Option<u64>, tokens: &[u32]) -> Vec<u64> {
         .collect()
 }
 
+/// A worker's private chain: its blocks' engine hashes and tokens, and
+/// which blocks it still holds.
+struct Chain {
+    root: Option<u64>,
+    hashes: Vec<u64>,
+    tokens: Vec<u32>,
+    held: Vec<bool>,
+}
+
 /// The fleet's fixed parts and its generator.
 pub struct Fleet {
     pub workers: usize,
@@ -261,8 +273,7 @@ impl Fleet {
                 held += hot;
             }
         }
-        // Private chains (their tails can be evicted), engine hashes in order.
-        let mut private: Vec<Vec<u64>> = Vec::new();
+        let mut private: Vec<Chain> = Vec::new();
         let mut n = 0u64;
         while held < budget {
             let left = budget - held;
@@ -275,29 +286,58 @@ impl Fleet {
             } else {
                 let len = rng.range(32, TAIL_BLOCKS).min(left);
                 let tokens = Rng(rng.next()).tokens(len * BS);
-                let mut hashes = chain(root, &tokens);
-                events.push(Ev::Stored { hashes: hashes.clone(), parent: root, tokens });
+                let hashes = chain(root, &tokens);
+                events.push(stored(&hashes, root, &tokens));
+                let mut c = Chain { root, held: vec![true; len], hashes, tokens };
                 for _ in 0..rng.range(0, 3) {
                     let tokens = rng.tokens(BS);
-                    let parent = hashes.last().copied();
+                    let parent = c.hashes.last().copied();
                     let h = chain(parent, &tokens);
-                    hashes.push(h[0]);
-                    events.push(Ev::Stored { hashes: h, parent, tokens });
+                    events.push(stored(&h, parent, &tokens));
+                    c.hashes.push(h[0]);
+                    c.tokens.extend_from_slice(&tokens);
+                    c.held.push(true);
                     held += 1;
                 }
                 held += len;
-                private.push(hashes);
+                private.push(c);
             }
             if n % 4 == 3 && !private.is_empty() {
+                // Tail eviction, last block first.
                 let i = rng.range(0, private.len() - 1);
-                let r = rng.range(1, private[i].len().min(64));
-                let keep = private[i].len() - r;
-                let mut gone = private[i].split_off(keep);
-                gone.reverse();
+                let r = rng.range(1, private[i].hashes.len().min(64));
+                let c = &mut private[i];
+                let keep = c.hashes.len() - r;
+                let gone: Vec<u64> = (keep..c.hashes.len()).rev().filter(|&j| c.held[j]).map(|j| c.hashes[j]).collect();
+                held -= gone.len();
                 events.push(Ev::Removed { hashes: gone });
-                held -= r;
-                if private[i].is_empty() {
+                c.hashes.truncate(keep);
+                c.tokens.truncate(keep * BS);
+                c.held.truncate(keep);
+                if keep == 0 {
                     private.swap_remove(i);
+                }
+            }
+            if n % 8 == 5 && !private.is_empty() {
+                // A hole: one interior block evicted, its chain kept.
+                let i = rng.range(0, private.len() - 1);
+                let j = rng.range(0, private[i].hashes.len() - 1);
+                let c = &mut private[i];
+                if c.held[j] {
+                    events.push(Ev::Removed { hashes: vec![c.hashes[j]] });
+                    c.held[j] = false;
+                    held -= 1;
+                }
+            }
+            if n % 8 == 1 {
+                // A hole refilled: the engine recomputes from the first
+                // missing block to the end and stores it all again.
+                if let Some(c) = private.iter_mut().find(|c| c.held.contains(&false)) {
+                    let j = c.held.iter().position(|&h| !h).unwrap_or(0);
+                    let parent = if j == 0 { c.root } else { Some(c.hashes[j - 1]) };
+                    events.push(stored(&c.hashes[j..], parent, &c.tokens[j * BS..]));
+                    held += c.held[j..].iter().filter(|&&h| !h).count();
+                    c.held[j..].fill(true);
                 }
             }
             out.push(Payload { worker, events });
