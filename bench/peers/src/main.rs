@@ -151,9 +151,11 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "kvsync-peers: {} workers, {} holdings shared ({} block events), {} unshared, 16-token blocks, seed {}",
+        "kvsync-peers: {} workers, {} holdings shared ({} distinct blocks, {} block events), {} unshared, \
+         16-token blocks, seed {}",
         args.workers,
         k.holdings_shared.unwrap_or(0),
+        k.blocks_shared.unwrap_or(0),
         k.block_events,
         k.holdings_unshared.unwrap_or(0),
         args.seed
@@ -206,6 +208,7 @@ fn main() -> ExitCode {
             ("holdings_target", args.holdings.to_string()),
             ("holdings_shared", k.holdings_shared.unwrap_or(0).to_string()),
             ("holdings_unshared", k.holdings_unshared.unwrap_or(0).to_string()),
+            ("blocks_shared", k.blocks_shared.unwrap_or(0).to_string()),
             ("block_events", k.block_events.to_string()),
             ("block_size", workload::BS.to_string()),
             ("seed", args.seed.to_string()),

@@ -53,6 +53,7 @@ pub struct Outcome {
     pub reported_unshared: Option<usize>,
     pub holdings_shared: Option<usize>,
     pub holdings_unshared: Option<usize>,
+    pub blocks_shared: Option<usize>,
     /// Microseconds of thread CPU time.
     pub hot_p50: Option<f64>,
     pub hot_p99: Option<f64>,
@@ -157,6 +158,7 @@ pub fn run<P: Peer>(work: &Work, s: &Settings) -> Outcome {
     o.bytes_shared = Some(bytes);
     o.reported_shared = peer.reported_bytes();
     o.holdings_shared = peer.holdings();
+    o.blocks_shared = peer.blocks();
     o.rejected += peer.rejected();
     eprintln!("[{}] queries", P::NAME);
     let (p50, p99) = latency(&peer, &[work.hot.as_slice()], s.hot_reps);

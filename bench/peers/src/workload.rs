@@ -274,15 +274,21 @@ impl Fleet {
             }
         }
         let mut private: Vec<Chain> = Vec::new();
+        // Blocks of each document this worker holds (a prefix).
+        let mut docs_held = [0usize; DOCS];
         let mut n = 0u64;
         while held < budget {
             let left = budget - held;
             let mut events = Vec::new();
             if shared && rng.next().is_multiple_of(4) {
-                let (tokens, hashes) = &self.docs[rng.range(0, DOCS - 1)];
-                let len = TAIL_BLOCKS.min(left);
+                // A document already held is sent again (a cache hit that
+                // the engine re-announces) and adds no holding.
+                let d = rng.range(0, DOCS - 1);
+                let (tokens, hashes) = &self.docs[d];
+                let len = TAIL_BLOCKS.min(left).max(docs_held[d]);
                 events.push(stored(&hashes[..len], root, &tokens[..len * BS]));
-                held += len;
+                held += len - docs_held[d];
+                docs_held[d] = len;
             } else {
                 let len = rng.range(32, TAIL_BLOCKS).min(left);
                 let tokens = Rng(rng.next()).tokens(len * BS);

@@ -88,6 +88,10 @@ impl Peer for Kvsync {
         Some(self.ix.stats().holdings)
     }
 
+    fn blocks(&self) -> Option<usize> {
+        Some(self.ix.stats().blocks)
+    }
+
     fn reported_bytes(&self) -> Option<usize> {
         Some(self.ix.stats().memory_bytes)
     }

@@ -43,6 +43,11 @@ pub trait Peer: Sized {
         None
     }
 
+    /// Distinct blocks held, for the index that counts them (kvsync).
+    fn blocks(&self) -> Option<usize> {
+        None
+    }
+
     /// The index's own memory report, where it has an exact one (kvsync).
     fn reported_bytes(&self) -> Option<usize> {
         None
