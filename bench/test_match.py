@@ -71,8 +71,17 @@ def _as(container: str, p: np.ndarray) -> Any:
     return p.tolist()
 
 
-def _percentiles(ix: kvsync.Index, queries: list[Any]) -> dict[str, float]:
-    match = ix.match
+def _percentiles(ix: kvsync.Index, queries: list[Any], form: str = "dict") -> dict[str, float]:
+    if form == "dict":
+        match = ix.match
+    else:  # the buffer form: names fetched once, depths into one uint32 array
+        generation, names = ix.worker_order(MODEL)
+        out = np.zeros(len(names), np.uint32)
+        into = ix.match_into
+
+        def match(model: str, q: Any) -> None:
+            into(model, q, out, generation)
+
     clock = time.perf_counter_ns
     lat = np.empty(CALLS, np.int64)
     for i in range(CALLS):
@@ -141,5 +150,41 @@ def test_fleet_shape(fleet: tuple[kvsync.Index, MatchWorkload], summary: Any) ->
         (
             "match (512 blocks, 256 workers, 10M holdings)",
             "fleet: " + ", ".join(f"{k}={v}" for k, v in _FLEET_INFO.items()),
+        )
+    )
+
+
+@pytest.mark.parametrize("prompt", ["hot", "rotating"])
+@pytest.mark.parametrize("form", ["dict", "buffer"])
+def test_match_answer_forms(
+    benchmark: Any,
+    fleet: tuple[kvsync.Index, MatchWorkload],
+    form: str,
+    prompt: str,
+    summary: list[tuple[str, str]],
+) -> None:
+    """The Python-level cost of the answer: a 256-entry dict vs depths
+    written into a caller's uint32 buffer (numpy prompts)."""
+    ix, wl = fleet
+    benchmark.group = f"match-form-{prompt}"
+    queries = _prompts(wl, prompt)
+    generation, names = ix.worker_order(MODEL)
+    out = np.zeros(len(names), np.uint32)
+    ix.match_into(MODEL, queries[0], out, generation)
+    # what a user would notice: both forms give the same answer
+    assert dict(zip(names, out.tolist(), strict=True)) == ix.match(MODEL, queries[0])
+    pct = _percentiles(ix, queries, form)
+    benchmark.extra_info.update(pct)
+    cycle = itertools.cycle(queries)
+    if form == "dict":
+        match = ix.match
+        benchmark(lambda: match(MODEL, next(cycle)))
+    else:
+        into = ix.match_into
+        benchmark(lambda: into(MODEL, next(cycle), out, generation))
+    summary.append(
+        (
+            "match answer form (512 blocks, 256 workers, numpy prompt)",
+            f"{prompt:<8} {form:<6} p50 {pct['p50_us']:7.2f} us  p99 {pct['p99_us']:7.2f} us",
         )
     )

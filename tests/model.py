@@ -59,6 +59,14 @@ def namespace(lora_name: Any, lora_id: Any) -> Any:
     return None
 
 
+def effective(ns: Any) -> Any:
+    """The namespace a chain continues in: its own, or for a chain that
+    crossed namespaces, the last one it was stored under."""
+    if isinstance(ns, tuple) and ns and ns[0] == "mixed":
+        return ns[2]
+    return ns
+
+
 def query_namespace(lora: Any) -> Any:
     if lora is None:
         return None
@@ -226,6 +234,12 @@ class ModelIndex:
                 counts.orphaned += n
                 return
             prefix = found
+            own = namespace(ev.get("lora_name"), ev.get("lora_id"))
+            if effective(prefix[1]) != own:
+                # docs/choices.md: a store continues its parent's chain in its
+                # own namespace; a parent of another namespace makes a chain
+                # no query of either namespace can reach.
+                prefix = (prefix[0], ("mixed", prefix[1], own), prefix[2])
         model, ns, blocks = prefix
         extra_keys = ev.get("extra_keys") or []
         for i, h in enumerate(hashes):
@@ -286,6 +300,28 @@ class ModelIndex:
         every = self.match(model, tokens, lora, extra_keys)
         return {w: {**{t: per_tier[t][w] for t in TIERS}, "any": every[w]} for w in every}
 
+    def match_scores(
+        self,
+        model: str,
+        tokens: list[int],
+        lora: Any = None,
+        extra_keys: list[Any] | None = None,
+        weights: tuple[float, float, float] = (1.0, 0.75, 0.25),
+    ) -> dict[str, tuple[int, float]]:
+        """SPEC 7: leading blocks held in any tier, each counting its best
+        tier's weight."""
+        keys = self.query_keys(model, tokens, lora, extra_keys)
+        weight = dict(zip(TIERS, weights, strict=True))
+        out = {}
+        for wid, w in self.workers.items():
+            if w.model == model:
+                n, value = 0, 0.0
+                while n < len(keys) and w.hold.get(keys[n]):
+                    value += max(weight[t] for t in w.hold[keys[n]])
+                    n += 1
+                out[wid] = (n, value)
+        return out
+
     def blocks(self) -> int:
         """SPEC 4: distinct prefix blocks held by any worker."""
         return len({k for w in self.workers.values() for k in w.hold})
@@ -301,6 +337,7 @@ class ModelIndex:
             for model, ns, blocks in w.hold:
                 tokens = [t for toks, _ in blocks for t in toks]
                 extras = [[uncanon(c) for c in ex] or None for _, ex in blocks]
+                ns = effective(ns)  # an unreachable chain: asked in its last namespace
                 lora = None if ns is None else ns[1]
                 out.append((model, tokens, lora, extras if any(extras) else None))
         return out

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import kvsync
 
+from . import standard_hash
 from .model import TIERS, Counts, ModelIndex
 from .model_strategies import WORKERS, encode, op
 
@@ -99,7 +100,15 @@ def check_same(index: kvsync.Index, model: ModelIndex) -> int:
             assert index.match(name, tokens, lora=lora, extra_keys=extras, tiers=tiers) == two
             gpu = {w: d["gpu"] for w, d in want.items()}
             assert index.match(name, tokens, lora=lora, extra_keys=extras, tiers="gpu") == gpu
+            scores = index.match_scores(name, tokens, lora=lora, extra_keys=extras)
+            assert scores == model.match_scores(name, tokens, lora, extras)
             bs = model.block_size.get(name)
+            if bs is not None and not extras:
+                # The same prompt as standard seq hashes (computed by an
+                # independent implementation) finds the same blocks.
+                hashes = standard_hash.seq_hashes(tokens, bs)
+                assert index.match_hashes(name, hashes, lora=lora) == any_tier
+                assert index.match_detail_hashes(name, hashes, lora=lora) == want
             if bs is not None and bs > 1:
                 partial = [*tokens[: len(tokens) // bs * bs], *[1] * (bs - 1)]
                 got_p = index.match(name, partial, lora=lora, extra_keys=extras)

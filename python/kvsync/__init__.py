@@ -25,6 +25,7 @@ from kvsync._core import (
     WorkerStatus,
     __version__,
     decode,
+    seq_hashes,
 )
 from kvsync.transport import EventManager, Pod
 
@@ -47,4 +48,5 @@ __all__ = [
     "WorkerStatus",
     "__version__",
     "decode",
+    "seq_hashes",
 ]

@@ -7,6 +7,7 @@ from typing import Any, TypedDict, final
 from typing_extensions import Buffer
 
 __all__ = [
+    "DEFAULT_HASH_SEED",
     "EVENT_FIELDS",
     "EVENT_TYPES",
     "AlreadyFollowedError",
@@ -26,6 +27,7 @@ __all__ = [
     "WorkerStatus",
     "__version__",
     "decode",
+    "seq_hashes",
 ]
 
 __version__: str
@@ -37,6 +39,7 @@ EVENT_TYPES: tuple[str, ...]
 TokenIds = Sequence[int] | Buffer
 ExtraKeys = Sequence[Sequence[Any] | None]
 Lora = str | int | None
+SeqHashes = Sequence[int] | Buffer
 
 class IndexStats(TypedDict):
     workers: int
@@ -130,8 +133,9 @@ class ApplyStats:
 class Index:
     """The exact prefix index: which worker holds which prompt prefix."""
 
-    def __new__(cls, capacity_blocks: int | None = None) -> Index:
-        """An empty index; ``capacity_blocks`` (>= 1) bounds the distinct blocks held.
+    def __new__(cls, capacity_blocks: int | None = None, hash_seed: int = 1337) -> Index:
+        """An empty index; ``capacity_blocks`` (>= 1) bounds the distinct blocks held;
+        ``hash_seed`` (0..2**64) seeds the standard rolling hash of its prefix keys.
 
         Raises InvalidArgumentError (a ValueError) for a bound out of range.
         """
@@ -170,6 +174,51 @@ class Index:
         extra_keys: ExtraKeys | None = None,
     ) -> dict[str, dict[str, int]]:
         """``{worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}``, all of one moment."""
+
+    def worker_order(self, model: str) -> tuple[int, list[str]]:
+        """``(generation, names)``: the worker ids of ``model`` in the order
+        ``match_into`` writes their depths; valid while the workers do not change."""
+
+    def match_into(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        out: Buffer,
+        generation: int,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+        tiers: str | Iterable[str] | None = None,
+    ) -> int:
+        """``match`` into a writable uint32 buffer of ``len(names)`` entries: ``out[i]``
+        is the depth of ``names[i]`` of ``worker_order(model)``; returns that count.
+        Raises InvalidArgumentError if the workers changed since ``generation``."""
+
+    def match_hashes(
+        self,
+        model: str,
+        seq_hashes: SeqHashes,
+        lora: Lora = None,
+        tiers: str | Iterable[str] | None = None,
+    ) -> dict[str, int]:
+        """Like ``match``, for a prompt given as standard ``seq`` hashes
+        (``seq_hashes``; blocks without extra keys)."""
+
+    def match_detail_hashes(
+        self, model: str, seq_hashes: SeqHashes, lora: Lora = None
+    ) -> dict[str, dict[str, int]]:
+        """Like ``match_detail``, for a prompt given as standard ``seq`` hashes."""
+
+    def match_scores(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+        weights: tuple[float, float, float] = (1.0, 0.75, 0.25),
+    ) -> dict[str, tuple[int, float]]:
+        """``{worker: (blocks, value)}`` for every worker of ``model``: leading full
+        blocks held in any tier, and their cached value (each block weighs its best
+        tier: ``weights`` = (gpu, cpu, storage))."""
 
     def prefix_keys(
         self,
@@ -228,6 +277,11 @@ class Batch:
     unknown_events: int
 
 def decode(payload: bytes) -> Batch: ...
+def seq_hashes(token_ids: TokenIds, block_size: int, seed: int = 1337) -> list[int]:
+    """The standard rolling hashes (Mooncake KV Indexer API) of the prompt's full
+    blocks, without extra keys."""
+
+DEFAULT_HASH_SEED: int
 
 @final
 class WorkerStatus:

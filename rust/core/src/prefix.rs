@@ -1,18 +1,26 @@
-//! kvsync's own prefix keys.
+//! kvsync's prefix keys: the standard rolling hash, kept apart by namespace.
 //!
 //! Engines' block hashes are private (algorithm and seed differ by engine,
-//! version and configuration), so kvsync chains its own 64-bit key over the
-//! token ids it sees:
+//! version and configuration), so kvsync hashes the token ids it sees with
+//! the rolling hash of the Mooncake KV Indexer API (RFC
+//! kvcache-ai/Mooncake#1403), the one Dynamo's and SMG's indexers use, so
+//! that a gateway can compute a prompt's keys itself:
 //!
 //! ```text
-//! key(-1) = namespace(model, lora)
-//! key(i)  = xxh3_64(tokens of block i as u32 LE [, 0xFE, canonical extra keys of block i], seed = key(i-1))
+//! local(i) = xxh3_64(tokens of block i as u32 LE [, 0xFE, n as u64 LE, canonical extra keys], seed)
+//! seq(0)   = local(0)
+//! seq(i)   = xxh3_64(seq(i-1) as u64 LE || local(i) as u64 LE, seed)
+//! key(i)   = seq(i) ^ namespace(model, lora)
 //! ```
 //!
-//! The seeds are fixed constants, so keys are the same in every process and
-//! across restarts (snapshots rely on it). Queries hash the same way, so a
-//! query's key for block i equals a stored block's key exactly when the
-//! token prefix, namespace and extra keys agree.
+//! `seed` is 1337 unless configured. Extra keys have no standard; the
+//! bracketed part is kvsync's own encoding and absent for a block without
+//! them, so plain prompts give exactly the standard `seq` hashes. The index
+//! stores `key(i)`: XOR with a per-namespace constant is a bijection, so a
+//! caller's standard `seq` hashes map to the right namespace, while equal
+//! prompts of different models or adapters get different keys. Local hashes
+//! do not depend on each other (only the cheap 16-byte chain step does), so
+//! the processor overlaps the hashing of consecutive blocks.
 
 use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
 
@@ -41,7 +49,7 @@ impl<'a> Lora<'a> {
     }
 }
 
-/// The root key of a (model, LoRA) namespace.
+/// The constant a (model, LoRA) namespace's keys are XORed with.
 pub fn namespace(model: &str, lora: Lora<'_>) -> u64 {
     let mut h = Xxh3::with_seed(NAMESPACE_SEED);
     h.update(&(model.len() as u64).to_le_bytes());
@@ -68,13 +76,17 @@ fn token_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
-/// Key of one block from its parent's key, its tokens and its extra keys
-/// (already filtered; empty means none).
-pub fn block_key(parent: u64, tokens: &[u32], extras: &[Value<'_>]) -> u64 {
+/// The default seed of the standard rolling hash.
+pub const DEFAULT_SEED: u64 = 1337;
+
+/// `local(i)` of one block: its tokens and its extra keys (already
+/// filtered; empty means none, which gives the standard local hash).
+#[inline]
+pub fn local_hash(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
     if extras.is_empty() {
-        return xxh3_64_with_seed(&token_bytes(tokens), parent);
+        return xxh3_64_with_seed(&token_bytes(tokens), seed);
     }
-    let mut h = Xxh3::with_seed(parent);
+    let mut h = Xxh3::with_seed(seed);
     h.update(&token_bytes(tokens));
     h.update(&[0xfe]);
     h.update(&(extras.len() as u64).to_le_bytes());
@@ -82,6 +94,36 @@ pub fn block_key(parent: u64, tokens: &[u32], extras: &[Value<'_>]) -> u64 {
         feed(&mut h, v);
     }
     h.digest()
+}
+
+/// `seq(i)` from `seq(i-1)` (None for the first block) and `local(i)`.
+#[inline]
+pub fn chain(prev: Option<u64>, local: u64, seed: u64) -> u64 {
+    match prev {
+        None => local,
+        Some(p) => {
+            let mut buf = [0u8; 16];
+            buf[..8].copy_from_slice(&p.to_le_bytes());
+            buf[8..].copy_from_slice(&local.to_le_bytes());
+            xxh3_64_with_seed(&buf, seed)
+        }
+    }
+}
+
+/// The standard `seq` hashes of a prompt's full blocks (no extra keys).
+pub fn seq_hashes(tokens: &[u32], block_size: usize, seed: u64) -> Vec<u64> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut prev = None;
+    tokens
+        .chunks_exact(block_size)
+        .map(|b| {
+            let s = chain(prev, local_hash(b, &[], seed), seed);
+            prev = Some(s);
+            s
+        })
+        .collect()
 }
 
 /// Canonical, unambiguous serialization of a value into the hasher: the same
@@ -189,14 +231,17 @@ impl Tier {
 mod tests {
     use super::*;
 
-    // Pinned values: changing the key scheme invalidates every snapshot.
-    // They were computed outside this crate, in Python with the `xxhash`
-    // package (xxhash.xxh3_64(data, seed=...).intdigest()) from the formula
-    // in this module's doc: namespace = xxh3_64(len(model) as u64 LE ||
-    // model || 0 (base) / 1 || name / 2 || id as i64 LE, seed 0x6b7673796e630001);
-    // block key = xxh3_64(tokens as u32 LE [|| 0xfe || count as u64 LE ||
-    // canonical extras], seed = parent key), a str extra being
-    // 4 || len as u64 LE || bytes and an int 2 || i128 LE (16 bytes).
+    // Pinned values: changing the key scheme invalidates every snapshot and
+    // breaks gateways that compute the standard hashes themselves. They
+    // were computed outside this crate, in Python with the `xxhash` package
+    // (xxhash.xxh3_64(data, seed=...).intdigest()) from the formulas in
+    // this module's doc: local = xxh3_64(struct.pack('<%dI', *tokens),
+    // seed=1337); seq(i) = xxh3_64(struct.pack('<QQ', seq(i-1), local(i)),
+    // seed=1337); with extra keys, local hashes tokens || 0xfe || count as
+    // u64 LE || canonical extras, a str extra being 4 || len as u64 LE ||
+    // bytes and an int 2 || i128 LE (16 bytes). The namespace constant is
+    // xxh3_64(len(model) as u64 LE || model || 0 (base) / 1 || name /
+    // 2 || id as i64 LE, seed 0x6b7673796e630001).
 
     #[test]
     fn namespaces_are_pinned() {
@@ -206,22 +251,29 @@ mod tests {
     }
 
     #[test]
-    fn block_keys_are_pinned() {
-        let ns = namespace("llama", Lora::Base);
-        let k0 = block_key(ns, &[1, 2, 3, 4], &[]);
-        assert_eq!(k0, 0x046b_19f4_1aee_050f);
-        assert_eq!(block_key(k0, &[5, 6, 7, 8], &[]), 0xb65f_0ece_e2e2_db0a);
-        assert_eq!(block_key(ns, &[1, 2], &[Value::Str("salt"), Value::Int(5)]), 0x3b47_3495_9cd6_34ff);
+    fn standard_hashes_are_pinned() {
+        let l0 = local_hash(&[1, 2, 3, 4], &[], DEFAULT_SEED);
+        assert_eq!(l0, 0xcb38_e4d7_fb2d_ca5c);
+        assert_eq!(chain(None, l0, DEFAULT_SEED), l0);
+        let l1 = local_hash(&[5, 6, 7, 8], &[], DEFAULT_SEED);
+        assert_eq!(chain(Some(l0), l1, DEFAULT_SEED), 0x44a2_b237_9d6d_3c3d);
+        assert_eq!(seq_hashes(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4, DEFAULT_SEED), vec![l0, 0x44a2_b237_9d6d_3c3d]);
+        let toks: Vec<u32> = (0..32).collect();
+        assert_eq!(seq_hashes(&toks, 16, DEFAULT_SEED), vec![0xd47a_8f41_c833_328a, 0xbf15_dffb_1644_7f38]);
+        assert_eq!(local_hash(&[1, 2, 3, 4], &[], 7), 0x0686_5270_6834_89fc);
+        assert_eq!(local_hash(&[1, 2], &[Value::Str("salt"), Value::Int(5)], DEFAULT_SEED), 0x7037_4987_e420_bb7d);
+        assert!(seq_hashes(&toks, 0, DEFAULT_SEED).is_empty());
+        assert!(seq_hashes(&toks[..15], 16, DEFAULT_SEED).is_empty());
     }
 
     #[test]
     fn extra_keys_change_the_key() {
-        let ns = namespace("m", Lora::Base);
-        let plain = block_key(ns, &[1, 2], &[]);
-        let salted = block_key(ns, &[1, 2], &[Value::Str("salt")]);
+        let plain = local_hash(&[1, 2], &[], DEFAULT_SEED);
+        let salted = local_hash(&[1, 2], &[Value::Str("salt")], DEFAULT_SEED);
         assert_ne!(plain, salted);
         // a str and an int that print alike are different extra keys
-        assert_ne!(block_key(ns, &[1], &[Value::Str("5")]), block_key(ns, &[1], &[Value::Int(5)]));
+        let s = local_hash(&[1], &[Value::Str("5")], DEFAULT_SEED);
+        assert_ne!(s, local_hash(&[1], &[Value::Int(5)], DEFAULT_SEED));
         assert_ne!(namespace("llama", Lora::Id(1)), namespace("llama", Lora::Name("1")));
     }
 

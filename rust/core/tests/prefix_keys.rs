@@ -2,11 +2,11 @@
 //! canonical serialization never lets two different values collide by
 //! encoding), and tier names round-trip through `Tier::of_medium`.
 
-use kvsync_core::prefix::{block_key, namespace};
-use kvsync_core::{Lora, Tier, Value};
+use kvsync_core::prefix::{local_hash, DEFAULT_SEED};
+use kvsync_core::{Tier, Value};
 
 fn key(extras: &[Value<'_>]) -> u64 {
-    block_key(namespace("m", Lora::Base), &[1, 2, 3, 4], extras)
+    local_hash(&[1, 2, 3, 4], extras, DEFAULT_SEED)
 }
 
 #[test]

@@ -279,6 +279,8 @@ pub(crate) fn tiers_of(obj: Option<&Bound<'_, PyAny>>) -> Result<u8> {
 
 pub(crate) struct QueryArgs {
     tokens: Vec<u32>,
+    /// The prompt as standard `seq` hashes (then `tokens` is empty).
+    hashes: Option<Vec<u64>>,
     lora: LoraArg,
     extras: Option<Vec<Option<Vec<Owned>>>>,
 }
@@ -289,7 +291,18 @@ impl QueryArgs {
         lora: Option<&Bound<'_, PyAny>>,
         extra_keys: Option<&Bound<'_, PyAny>>,
     ) -> Result<Self> {
-        Ok(QueryArgs { tokens: tokens_of(token_ids)?, lora: LoraArg::of(lora)?, extras: extra_keys_of(extra_keys)? })
+        Ok(QueryArgs {
+            tokens: tokens_of(token_ids)?,
+            hashes: None,
+            lora: LoraArg::of(lora)?,
+            extras: extra_keys_of(extra_keys)?,
+        })
+    }
+
+    /// A prompt given as standard `seq` hashes.
+    pub(crate) fn of_hashes(seq_hashes: &Bound<'_, PyAny>, lora: Option<&Bound<'_, PyAny>>) -> Result<Self> {
+        let hashes = crate::hashes::hashes_of(seq_hashes)?;
+        Ok(QueryArgs { tokens: Vec::new(), hashes: Some(hashes), lora: LoraArg::of(lora)?, extras: None })
     }
 
     /// Run `f` on the core query built from these arguments.
@@ -298,7 +311,14 @@ impl QueryArgs {
             .extras
             .as_ref()
             .map(|e| e.iter().map(|b| b.as_ref().map(|keys| keys.iter().map(Owned::view).collect())).collect());
-        let q = Query { model, tokens: &self.tokens, lora: self.lora.lora(), extra_keys: views.as_deref(), tiers };
+        let q = Query {
+            model,
+            tokens: &self.tokens,
+            lora: self.lora.lora(),
+            extra_keys: views.as_deref(),
+            tiers,
+            hashes: self.hashes.as_deref(),
+        };
         f(&q)
     }
 }

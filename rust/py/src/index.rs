@@ -133,6 +133,35 @@ impl Index {
         Ok((found, names))
     }
 
+    /// `{worker: {"gpu": n, "cpu": n, "storage": n, "any": n}}` for every
+    /// worker of `model`, from one walk.
+    fn detail<'py>(&self, py: Python<'py>, model: &str, args: &QueryArgs) -> Result<Bound<'py, PyDict>> {
+        let (found, names) = self.find(py, |ix| {
+            let mut out = Vec::new();
+            args.with_query(model, 7, |q| ix.match_tiers(q, &mut out));
+            out
+        })?;
+        let d = PyDict::new(py);
+        let Some(template) = names.templates.get(model) else { return Ok(d) };
+        for worker in template.bind(py).keys() {
+            let per_tier = PyDict::new(py);
+            for (tier, _) in DETAIL {
+                per_tier.set_item(tier, 0)?;
+            }
+            d.set_item(worker, per_tier)?;
+        }
+        for (slot, depths) in found {
+            let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
+            let Some(per_tier) = d.get_item(name.bind(py))? else { continue };
+            for ((tier, _), n) in DETAIL.iter().zip(depths) {
+                if n != 0 {
+                    per_tier.set_item(*tier, n)?;
+                }
+            }
+        }
+        Ok(d)
+    }
+
     /// `{worker: blocks}` for every worker of `model`.
     fn answer<'py>(py: Python<'py>, names: &Names, model: &str, found: &Found) -> PyResult<Bound<'py, PyDict>> {
         let Some(template) = names.templates.get(model) else { return Ok(PyDict::new(py)) };
@@ -168,8 +197,8 @@ impl Index {
 #[pymethods]
 impl Index {
     #[new]
-    #[pyo3(signature = (capacity_blocks=None))]
-    fn new(capacity_blocks: Option<i128>) -> Result<Self> {
+    #[pyo3(signature = (capacity_blocks=None, hash_seed=1337))]
+    fn new(capacity_blocks: Option<i128>, hash_seed: u64) -> Result<Self> {
         let capacity = capacity_blocks
             .map(|c| {
                 usize::try_from(c).map_err(|_| {
@@ -177,7 +206,7 @@ impl Index {
                 })
             })
             .transpose()?;
-        Ok(Index::wrap(kvsync_core::Index::new(capacity)?))
+        Ok(Index::wrap(kvsync_core::Index::with_seed(capacity, hash_seed)?))
     }
 
     /// Register a worker (one engine event stream) of `model`.
@@ -290,30 +319,102 @@ impl Index {
         lora: Option<&Bound<'py, PyAny>>,
         extra_keys: Option<&Bound<'py, PyAny>>,
     ) -> Result<Bound<'py, PyDict>> {
-        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
-        // One walk answers every tier: [gpu, cpu, storage, any] per worker.
+        self.detail(py, model, &QueryArgs::parse(token_ids, lora, extra_keys)?)
+    }
+
+    /// Like `match`, for a prompt given as standard `seq` hashes (see
+    /// `kvsync.seq_hashes`; blocks without extra keys): the hashes are
+    /// looked up in the namespace of `model` and `lora`.
+    #[pyo3(signature = (model, seq_hashes, lora=None, tiers=None))]
+    fn match_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        model: &str,
+        seq_hashes: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+        tiers: Option<&Bound<'py, PyAny>>,
+    ) -> Result<Bound<'py, PyDict>> {
+        let args = QueryArgs::of_hashes(seq_hashes, lora)?;
+        let mask = tiers_of(tiers)?;
         let (found, names) = self.find(py, |ix| {
             let mut out = Vec::new();
-            args.with_query(model, 7, |q| ix.match_tiers(q, &mut out));
+            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
+            out
+        })?;
+        Ok(Index::answer(py, &names, model, &found)?)
+    }
+
+    /// `(generation, names)`: the worker ids of `model` in the order
+    /// `match_into` writes their depths; valid while `generation` is the
+    /// index's worker generation (any worker added or removed changes it).
+    fn worker_order(&self, py: Python<'_>, model: &str) -> (u64, Vec<String>) {
+        self.inner.with_read(py, |ix| crate::buffer::worker_order(ix, model))
+    }
+
+    /// `match` without a dict: writes the depth of `names[i]` (from
+    /// `worker_order(model)` of `generation`) into `out[i]`, a writable
+    /// uint32 buffer of exactly `len(names)` entries; returns that count.
+    /// Raises InvalidArgumentError when the workers changed since.
+    #[pyo3(signature = (model, token_ids, out, generation, lora=None, extra_keys=None, tiers=None))]
+    #[allow(clippy::too_many_arguments)] // the match arguments plus the buffer and its generation
+    fn match_into(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        token_ids: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        generation: u64,
+        lora: Option<&Bound<'_, PyAny>>,
+        extra_keys: Option<&Bound<'_, PyAny>>,
+        tiers: Option<&Bound<'_, PyAny>>,
+    ) -> Result<usize> {
+        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
+        let mask = tiers_of(tiers)?;
+        let buf = crate::buffer::out_buffer(out)?;
+        let found = self.inner.with_read(py, |ix| args.with_query(model, mask, |q| crate::buffer::depths(ix, q)));
+        crate::buffer::write(py, &buf, model, generation, found)
+    }
+
+    /// Like `match_detail`, for a prompt given as standard `seq` hashes.
+    #[pyo3(signature = (model, seq_hashes, lora=None))]
+    fn match_detail_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        model: &str,
+        seq_hashes: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+    ) -> Result<Bound<'py, PyDict>> {
+        self.detail(py, model, &QueryArgs::of_hashes(seq_hashes, lora)?)
+    }
+
+    /// `{worker: (blocks, value)}` for every worker of `model`: the leading
+    /// full blocks it holds in any tier and their cached value, each block
+    /// counting the weight of the best tier it is held in (`weights` =
+    /// `(gpu, cpu, storage)`; SPEC section 7).
+    #[pyo3(signature = (model, token_ids, lora=None, extra_keys=None, weights=(1.0, 0.75, 0.25)), text_signature = "(self, model, token_ids, lora=None, extra_keys=None, weights=(1.0, 0.75, 0.25))")]
+    fn match_scores<'py>(
+        &self,
+        py: Python<'py>,
+        model: &str,
+        token_ids: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+        extra_keys: Option<&Bound<'py, PyAny>>,
+        weights: (f64, f64, f64),
+    ) -> Result<Bound<'py, PyDict>> {
+        let w = [weights.0, weights.1, weights.2];
+        if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(Error::invalid(format!("weights must be finite and >= 0, got {weights:?}")));
+        }
+        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
+        let (found, names) = self.find(py, |ix| {
+            let mut out = Vec::new();
+            args.with_query(model, 7, |q| ix.match_scores(q, w, &mut out));
             out
         })?;
         let d = PyDict::new(py);
-        let Some(template) = names.templates.get(model) else { return Ok(d) };
-        for worker in template.bind(py).keys() {
-            let per_tier = PyDict::new(py);
-            for (tier, _) in DETAIL {
-                per_tier.set_item(tier, 0)?;
-            }
-            d.set_item(worker, per_tier)?;
-        }
-        for (slot, depths) in found {
+        for (slot, blocks, value) in found {
             let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
-            let Some(per_tier) = d.get_item(name.bind(py))? else { continue };
-            for ((tier, _), n) in DETAIL.iter().zip(depths) {
-                if n != 0 {
-                    per_tier.set_item(*tier, n)?;
-                }
-            }
+            d.set_item(name.bind(py), (blocks, value))?;
         }
         Ok(d)
     }

@@ -15,9 +15,11 @@
 // PyO3 extracts arguments by value (PyBackedBytes, PathBuf, Vec).
 #![allow(clippy::needless_pass_by_value)]
 
+mod buffer;
 mod convert;
 mod decode;
 mod errors;
+mod hashes;
 mod index;
 mod lock;
 mod results;
@@ -44,5 +46,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Streams>()?;
     m.add_class::<WorkerStatus>()?;
     m.add_function(wrap_pyfunction!(decode::decode, m)?)?;
+    m.add_function(wrap_pyfunction!(hashes::seq_hashes, m)?)?;
+    m.add("DEFAULT_HASH_SEED", kvsync_core::prefix::DEFAULT_SEED)?;
     Ok(())
 }

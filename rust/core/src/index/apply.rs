@@ -3,7 +3,7 @@
 
 use super::{ekey, holdings::EMap, mix, ApplyStats, Index, NIL};
 use crate::error::IndexError;
-use crate::prefix::{block_key, engine_key, namespace, Lora, Tier};
+use crate::prefix::{chain, engine_key, local_hash, namespace, Lora, Tier};
 use crate::wire::{self, Batch, Event, Mode, Stored, Value};
 
 impl Index {
@@ -166,15 +166,17 @@ impl Index {
             _ => self.models[model].block_size = Some(bs as u32),
         }
         let bs = bs as usize;
+        let ns = namespace(&self.models[model].name, Lora::of_event(s.lora_name, s.lora_id));
+        // The parent's standard seq hash: its key without the namespace.
         let (mut prev, mut prev_slot) = match s.parent {
             Some(p) => match Self::emap_get(emap, engine_key(p, s.group_idx.unwrap_or(0))) {
-                Some(slot) => (self.blocks[slot as usize].key(), slot),
+                Some(slot) => (Some(self.blocks[slot as usize].key() ^ ns), slot),
                 None => {
                     st.orphaned += n as u64;
                     return;
                 }
             },
-            None => (namespace(&self.models[model].name, Lora::of_event(s.lora_name, s.lora_id)), NIL),
+            None => (None, NIL),
         };
         // Allocates only for events that carry extra keys.
         let mut extras: Vec<Value<'_>> = Vec::new();
@@ -194,8 +196,9 @@ impl Index {
                     extras.push(Value::Str(salt));
                 }
             }
-            let key = block_key(prev, toks, &extras);
-            prev = key;
+            let seq = chain(prev, local_hash(toks, &extras, self.seed), self.seed);
+            prev = Some(seq);
+            let key = seq ^ ns;
             let slot = self.intern_block(key);
             if prev_slot != NIL {
                 self.blocks[prev_slot as usize].child = slot;

@@ -84,7 +84,7 @@ use hashbrown::HashTable;
 
 use crate::error::IndexError;
 use crate::holders::Pool;
-use crate::prefix::Lora;
+use crate::prefix::{Lora, DEFAULT_SEED};
 use crate::wire::{self, Value};
 
 use self::slab::Slab;
@@ -194,16 +194,26 @@ pub struct Query<'q, 'v> {
     pub extra_keys: Option<&'q [Option<Vec<Value<'v>>>]>,
     /// Tiers that count ([`Tier::bit`] mask; 7 = any).
     pub tiers: u8,
+    /// The prompt as standard `seq` hashes instead of tokens (then `tokens`
+    /// and `extra_keys` are not used, nor is the model's block size).
+    pub hashes: Option<&'q [u64]>,
 }
 
 impl<'q> Query<'q, 'static> {
     pub fn new(model: &'q str, tokens: &'q [u32]) -> Self {
-        Query { model, tokens, lora: Lora::Base, extra_keys: None, tiers: 7 }
+        Query { model, tokens, lora: Lora::Base, extra_keys: None, tiers: 7, hashes: None }
+    }
+
+    /// A query for a prompt given as standard `seq` hashes.
+    pub fn hashes(model: &'q str, hashes: &'q [u64]) -> Self {
+        Query { hashes: Some(hashes), ..Query::new(model, &[]) }
     }
 }
 
 pub struct Index {
     capacity: Option<usize>,
+    /// Seed of the standard rolling hash (`prefix`).
+    seed: u64,
     blocks: Slab,
     free_block: u32,
     /// LRU links `[towards more recent, towards less recent]` per slot;
@@ -270,6 +280,11 @@ fn check_model(model: &str) -> Result<(), IndexError> {
 impl Index {
     /// An empty index; `capacity_blocks` bounds the distinct blocks held.
     pub fn new(capacity_blocks: Option<usize>) -> Result<Self, IndexError> {
+        Index::with_seed(capacity_blocks, DEFAULT_SEED)
+    }
+
+    /// An empty index whose prefix keys use `hash_seed` (see `prefix`).
+    pub fn with_seed(capacity_blocks: Option<usize>, hash_seed: u64) -> Result<Self, IndexError> {
         if capacity_blocks == Some(0) {
             return Err(IndexError::Invalid("capacity_blocks must be at least 1".into()));
         }
@@ -281,6 +296,7 @@ impl Index {
         }
         Ok(Index {
             capacity: capacity_blocks,
+            seed: hash_seed,
             blocks: Slab::default(),
             free_block: NIL,
             links: Vec::new(),
@@ -306,5 +322,10 @@ impl Index {
 
     pub fn capacity_blocks(&self) -> Option<usize> {
         self.capacity
+    }
+
+    /// The seed of this index's prefix keys.
+    pub fn hash_seed(&self) -> u64 {
+        self.seed
     }
 }

@@ -3,24 +3,29 @@
 //! holders.
 
 use super::{Index, Model, Query, NIL};
-use crate::prefix::{block_key, namespace};
+use crate::prefix::{chain, local_hash, namespace};
 use crate::wire::Value;
 
-/// The prefix keys of a query's full blocks, each chained from the one
-/// before (from the namespace root), hashed lazily: a walk that stops early
-/// hashes no further. None without a block size.
+/// The prefix keys of a query's full blocks (`prefix`: the standard `seq`
+/// hash XOR the namespace), hashed lazily: a walk that stops early hashes
+/// no further. Without a block size a token query has no keys.
 struct Keys<'a, 'q, 'v> {
     q: &'a Query<'q, 'v>,
     /// The full blocks' tokens; none when the block size is not known.
     blocks: std::iter::Enumerate<std::slice::ChunksExact<'q, u32>>,
-    prev: u64,
+    /// The prompt's standard hashes when it came as hashes.
+    hashes: std::slice::Iter<'q, u64>,
+    ns: u64,
+    seed: u64,
+    prev: Option<u64>,
 }
 
 impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
-    fn new(q: &'a Query<'q, 'v>, block_size: Option<u32>) -> Self {
-        let tokens = if block_size.is_some() { q.tokens } else { &[] };
+    fn new(q: &'a Query<'q, 'v>, block_size: Option<u32>, seed: u64) -> Self {
+        let tokens = if block_size.is_some() && q.hashes.is_none() { q.tokens } else { &[] };
         let blocks = tokens.chunks_exact(block_size.map_or(1, |b| b as usize)).enumerate();
-        Keys { q, blocks, prev: namespace(q.model, q.lora) }
+        let hashes = q.hashes.unwrap_or_default().iter();
+        Keys { q, blocks, hashes, ns: namespace(q.model, q.lora), seed, prev: None }
     }
 }
 
@@ -29,13 +34,17 @@ impl Iterator for Keys<'_, '_, '_> {
 
     #[inline]
     fn next(&mut self) -> Option<u64> {
+        if self.q.hashes.is_some() {
+            return self.hashes.next().map(|h| h ^ self.ns);
+        }
         let (i, toks) = self.blocks.next()?;
         let extras: &[Value<'_>] = match self.q.extra_keys.and_then(|e| e.get(i)) {
             Some(Some(v)) => v,
             _ => &[],
         };
-        self.prev = block_key(self.prev, toks, extras);
-        Some(self.prev)
+        let seq = chain(self.prev, local_hash(toks, extras, self.seed), self.seed);
+        self.prev = Some(seq);
+        Some(seq ^ self.ns)
     }
 }
 
@@ -101,7 +110,7 @@ impl Index {
     fn walk<'a, 'q, 'v>(&'a self, q: &'a Query<'q, 'v>) -> Option<(&'a Model, Walk<'a, 'q, 'v>)> {
         let &m = self.model_by_name.get(q.model)?;
         let model = &self.models[m as usize];
-        Some((model, Walk { ix: self, keys: Keys::new(q, model.block_size), hint: NIL }))
+        Some((model, Walk { ix: self, keys: Keys::new(q, model.block_size, self.seed), hint: NIL }))
     }
 
     /// [`Index::match_prefix`] by worker slot (see [`Index::worker_slots`]),
@@ -124,9 +133,18 @@ impl Index {
         alive.copy_from_slice(&model.members);
         out.reserve(model.workers as usize);
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
+            let holders = self.blocks[slot as usize].holders;
+            if last == Some(holders) {
+                // The same holder set as the block before (a shared set, a
+                // stretch of one chain): the survivors cannot change.
+                i += 1;
+                continue;
+            }
+            last = Some(holders);
             before.copy_from_slice(alive);
-            self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
+            self.pool.intersect(holders, q.tiers, alive);
             let mut any = 0;
             for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
                 any |= a;
@@ -163,8 +181,14 @@ impl Index {
         let mut before = vec![0u64; words];
         let mut depth = vec![[0u32; 4]; words * 64];
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
             let holders = self.blocks[slot as usize].holders;
+            if last == Some(holders) {
+                i += 1;
+                continue;
+            }
+            last = Some(holders);
             let mut any = 0;
             for (k, alive) in alive.iter_mut().enumerate() {
                 before.copy_from_slice(alive);
@@ -191,9 +215,63 @@ impl Index {
         by_member(model, &depth, out);
     }
 
-    /// Prefix keys of a query's full blocks (for tools and tests).
+    /// For every worker of the query's model, in one walk: the leading
+    /// blocks it holds in any tier, and their cached value: each of those
+    /// blocks counts the weight of the best tier the worker holds it in
+    /// (`weights` = `[gpu, cpu, storage]`; SPEC section 7). The query's own
+    /// `tiers` is ignored. Registration-slot order.
+    pub fn match_scores(&self, q: &Query<'_, '_>, weights: [f64; 3], out: &mut Vec<(u32, u32, f64)>) {
+        out.clear();
+        let Some((model, walk)) = self.walk(q) else { return };
+        let words = model.members.len();
+        let mut alive = model.members.clone();
+        let mut before = vec![0u64; words];
+        let mut tier = vec![0u64; words];
+        let mut counted = vec![0u64; words];
+        let mut depth = vec![(0u32, 0f64); words * 64];
+        let mut i = 0u32;
+        for slot in walk {
+            let holders = self.blocks[slot as usize].holders;
+            before.copy_from_slice(&alive);
+            self.pool.intersect(holders, 7, &mut alive);
+            let mut any = 0;
+            for (w, (&was, &now)) in before.iter().zip(alive.iter()).enumerate() {
+                any |= now;
+                for s in slots_of(w, was & !now) {
+                    depth[s].0 = i;
+                }
+            }
+            if any == 0 {
+                break;
+            }
+            // Best tier first: a block held in the GPU and on disk counts as GPU.
+            counted.fill(0);
+            for (k, &weight) in weights.iter().enumerate() {
+                tier.copy_from_slice(&alive);
+                self.pool.intersect(holders, 1 << k, &mut tier);
+                for (w, (t, c)) in tier.iter().zip(counted.iter_mut()).enumerate() {
+                    for s in slots_of(w, t & !*c) {
+                        depth[s].1 += weight;
+                    }
+                    *c |= t;
+                }
+            }
+            i += 1;
+        }
+        for (w, &a) in alive.iter().enumerate() {
+            for s in slots_of(w, a) {
+                depth[s].0 = i;
+            }
+        }
+        for (w, &bits) in model.members.iter().enumerate() {
+            out.extend(slots_of(w, bits).map(|s| (s as u32, depth[s].0, depth[s].1)));
+        }
+    }
+
+    /// Prefix keys of a query's full blocks (for tools and tests): the
+    /// standard `seq` hashes XOR the query's namespace constant.
     pub fn query_keys(&self, q: &Query<'_, '_>) -> Vec<u64> {
-        Keys::new(q, self.block_size(q.model)).collect()
+        Keys::new(q, self.block_size(q.model), self.seed).collect()
     }
 }
 
@@ -246,5 +324,67 @@ mod tests {
         assert_eq!(got, vec![(0, [2, 2, 0, 2]), (1, [0, 0, 4, 4]), (2, [1, 0, 0, 1]), (3, [0, 0, 0, 0])]);
         ix.match_tiers(&Query::new("other", &toks), &mut got);
         assert!(got.is_empty());
+
+        // Cached value: each leading block counts its best tier's weight.
+        let mut scores = Vec::new();
+        ix.match_scores(&Query::new("m", &toks), [1.0, 0.75, 0.25], &mut scores);
+        // a: GPU+CPU, GPU+CPU; b: disk, GPU+disk, disk, disk; c: GPU; d: nothing
+        assert_eq!(scores, vec![(0, 2, 2.0), (1, 4, 1.75), (2, 1, 1.0), (3, 0, 0.0)]);
+        ix.match_scores(&Query::new("m", &toks), [0.5, 0.25, 0.125], &mut scores);
+        assert_eq!(scores, vec![(0, 2, 1.0), (1, 4, 0.875), (2, 1, 0.5), (3, 0, 0.0)]);
+        ix.match_scores(&Query::new("m", &toks[..3]), [1.0, 0.75, 0.25], &mut scores);
+        assert_eq!(scores, vec![(0, 1, 1.0), (1, 1, 0.25), (2, 1, 1.0), (3, 0, 0.0)]);
+        ix.match_scores(&Query::new("other", &toks), [1.0, 0.75, 0.25], &mut scores);
+        assert!(scores.is_empty());
+    }
+
+    #[test]
+    fn a_prompt_given_as_standard_hashes_matches_like_its_tokens() {
+        use crate::prefix::{seq_hashes, Lora, DEFAULT_SEED};
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        ix.add_worker("b", "m").unwrap();
+        ix.add_worker("c", "other").unwrap();
+        let toks: Vec<u32> = (0..8).collect();
+        ix.apply("a", &B::default().store(&[1, 2, 3], None, &toks[..6], None).build(), None).unwrap();
+        ix.apply("b", &B::default().store(&[1], None, &toks[..2], None).lora("x").build(), None).unwrap();
+        ix.apply("c", &B::default().store(&[1, 2], None, &toks[..4], None).build(), None).unwrap();
+        let hashes = seq_hashes(&toks, 2, DEFAULT_SEED);
+        assert_eq!(hashes.len(), 4);
+        let by = |q: &Query<'_, '_>| ix.match_prefix(q).into_iter().map(|(w, d)| (w.to_owned(), d)).collect::<Vec<_>>();
+        let m = |v: &[(&str, u32)]| v.iter().map(|&(w, d)| (w.to_owned(), d)).collect::<Vec<_>>();
+        assert_eq!(by(&Query::hashes("m", &hashes)), m(&[("a", 3), ("b", 0)]));
+        assert_eq!(by(&Query::hashes("m", &hashes)), by(&Query::new("m", &toks)));
+        // the adapter's namespace is kept apart, and found by the same hashes
+        let x = Query { lora: Lora::Name("x"), ..Query::hashes("m", &hashes) };
+        assert_eq!(by(&x), m(&[("a", 0), ("b", 1)]));
+        // another model's equal prompt is another namespace
+        assert_eq!(by(&Query::hashes("other", &hashes)), m(&[("c", 2)]));
+        // the keys the index stores are the standard hashes XOR the namespace
+        let ns = crate::prefix::namespace("m", Lora::Base);
+        let keys: Vec<u64> = hashes.iter().map(|h| h ^ ns).collect();
+        assert_eq!(ix.query_keys(&Query::new("m", &toks)), keys);
+        // a wrong hash stops the walk there
+        let mut bent = hashes.clone();
+        bent[1] ^= 1;
+        assert_eq!(by(&Query::hashes("m", &bent)), m(&[("a", 1), ("b", 0)]));
+    }
+
+    #[test]
+    fn the_hash_seed_changes_every_key() {
+        use crate::prefix::{seq_hashes, DEFAULT_SEED};
+        let mut ix = Index::with_seed(None, 42).unwrap();
+        ix.add_worker("a", "m").unwrap();
+        let toks: Vec<u32> = (0..4).collect();
+        ix.apply("a", &B::default().store(&[1, 2], None, &toks, None).build(), None).unwrap();
+        let found = |h: &[u64]| ix.match_prefix(&Query::hashes("m", h))[0].1;
+        assert_eq!(found(&seq_hashes(&toks, 2, 42)), 2);
+        assert_eq!(found(&seq_hashes(&toks, 2, DEFAULT_SEED)), 0);
+        assert_eq!(ix.match_prefix(&Query::new("m", &toks))[0].1, 2);
+        let mut buf = Vec::new();
+        ix.save(&mut buf).unwrap();
+        let back = Index::load(&mut &buf[..]).unwrap();
+        assert_eq!(back.hash_seed(), 42);
+        assert_eq!(back.match_prefix(&Query::new("m", &toks))[0].1, 2);
     }
 }

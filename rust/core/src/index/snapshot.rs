@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use super::{ekey, Index, NIL};
 use crate::error::IndexError;
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x03";
+/// Version 4: keys are the standard rolling hash (`prefix`) and the seed is
+/// saved. Earlier versions hold keys of another scheme and cannot be read.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSYNC\x00\x04";
 
 impl Index {
     // --------------------------------------------------------------- snapshot
@@ -37,6 +39,7 @@ impl Index {
             ordinal[s as usize] = i as u32;
         }
         put_u64(&mut body, self.capacity.map_or(u64::MAX, |c| c as u64));
+        put_u64(&mut body, self.seed);
         put_u64(&mut body, self.evictions);
         // Live models only, renumbered densely (freed model ids are holes).
         let mut model_ordinal = vec![NIL; self.models.len()];
@@ -102,6 +105,13 @@ impl Index {
         let bad = |what: &str| IndexError::Snapshot(what.to_owned());
         let mut head = [0u8; 24];
         input.read_exact(&mut head).map_err(|e| bad(&format!("cannot read header: {e}")))?;
+        if head[..7] == SNAPSHOT_MAGIC[..7] && head[7] != SNAPSHOT_MAGIC[7] {
+            return Err(bad(&format!(
+                "snapshot format version {} is not supported (this kvsync reads version {}; versions before 4 \
+                 use the old prefix keys): rebuild it by following the engines again",
+                head[7], SNAPSHOT_MAGIC[7]
+            )));
+        }
         if &head[..8] != SNAPSHOT_MAGIC {
             return Err(bad("not a kvsync index snapshot (bad magic)"));
         }
@@ -122,7 +132,8 @@ impl Index {
         let mut r = Reader { buf: &body, pos: 0 };
         let cap = r.u64()?;
         let cap = if cap == u64::MAX { None } else { Some(usize::try_from(cap).unwrap_or(usize::MAX)) };
-        let mut ix = Index::new(cap).map_err(|e| bad(&format!("capacity: {e}")))?;
+        let seed = r.u64()?;
+        let mut ix = Index::with_seed(cap, seed).map_err(|e| bad(&format!("capacity: {e}")))?;
         ix.evictions = r.u64()?;
         let nmodels = r.u32()?;
         let mut model_names = Vec::new();
@@ -358,6 +369,7 @@ mod validation_tests {
     fn snapshot(models: &[&str], keys: &[u64], workers: &[W]) -> Vec<u8> {
         let mut b = Vec::new();
         put_u64(&mut b, u64::MAX);
+        put_u64(&mut b, 1337);
         put_u64(&mut b, 0);
         put_u32(&mut b, models.len() as u32);
         for m in models {
@@ -416,6 +428,18 @@ mod validation_tests {
         ix.check_invariants().unwrap();
         assert_eq!((ix.stats().holdings, ix.stats().engine_hashes), (2, 2));
         assert_eq!(ix.block_size("m"), Some(2));
+        assert_eq!(ix.hash_seed(), 1337);
+    }
+
+    #[test]
+    fn an_older_format_version_is_refused_by_name() {
+        let mut snap = snapshot(&["m"], &[10], &[w("a", &[(1, 0)], &[(0, 1)])]);
+        snap[7] = 3;
+        refused(&snap, "snapshot format version 3 is not supported (this kvsync reads version 4");
+        snap[7] = 9;
+        refused(&snap, "version 9");
+        snap[0] = b'X';
+        refused(&snap, "bad magic");
     }
 
     #[test]

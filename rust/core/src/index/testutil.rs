@@ -60,13 +60,22 @@ impl B {
         self.events.push(e);
         self
     }
-    /// Add a `block_size` field to the last event (a fixmap).
-    pub(crate) fn block_size(mut self, bs: u64) -> Self {
+    /// The last event (a fixmap) with one more field.
+    fn field(&mut self, name: &str) -> &mut Vec<u8> {
         let e = self.events.last_mut().unwrap();
         assert!(e[0] & 0xf0 == 0x80 && e[0] < 0x8f, "last event is a fixmap");
         e[0] += 1;
-        enc::write_str(e, "block_size").unwrap();
-        enc::write_uint(e, bs).unwrap();
+        enc::write_str(e, name).unwrap();
+        e
+    }
+    /// Add a `block_size` field to the last event.
+    pub(crate) fn block_size(mut self, bs: u64) -> Self {
+        enc::write_uint(self.field("block_size"), bs).unwrap();
+        self
+    }
+    /// Add a `lora_name` field to the last event.
+    pub(crate) fn lora(mut self, name: &str) -> Self {
+        enc::write_str(self.field("lora_name"), name).unwrap();
         self
     }
     pub(crate) fn remove(self, hashes: &[u64], medium: Option<&str>) -> Self {
