@@ -147,11 +147,11 @@ pub fn table(all: &[Outcome], agree: &[Agreement]) -> String {
     let row: Vec<String> = all
         .iter()
         .zip(std::iter::once(None).chain(agree.iter().map(Some)))
-        .map(|(o, a)| match (&o.unsupported, a) {
-            (Some(_), _) => "n/a".into(),
-            (None, None) => "reference".into(),
-            (None, Some(a)) if a.exact() => format!("all {}", a.queries),
-            (None, Some(a)) => format!("{} of {} differ ({} under, {} over)", a.differing, a.queries, a.under, a.over),
+        .map(|(o, a)| match a {
+            _ if o.answers_shared.is_empty() => "n/a".into(),
+            None => "reference".into(),
+            Some(a) if a.exact() => format!("all {}", a.queries),
+            Some(a) => format!("{} of {} differ ({} under, {} over)", a.differing, a.queries, a.under, a.over),
         })
         .collect();
     let _ = writeln!(s, "| same answers as kvsync | {} |", row.join(" | "));
@@ -222,7 +222,7 @@ pub fn json(config: &[(&str, String)], all: &[Outcome], agree: &[Agreement]) -> 
     let agreement = obj(all[1..]
         .iter()
         .zip(agree)
-        .filter(|(o, _)| o.unsupported.is_none())
+        .filter(|(o, _)| !o.answers_shared.is_empty())
         .map(|(o, a)| {
             format!(
                 "{}: {{\"queries\": {}, \"differing\": {}, \"under\": {}, \"over\": {}, \"rejected_events\": {}}}",

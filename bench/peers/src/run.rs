@@ -16,6 +16,9 @@ const GROUP: usize = 16;
 pub struct Settings {
     pub hot_reps: usize,
     pub div_reps: usize,
+    /// CPU seconds one ingest may take before the index is given up on
+    /// (an index whose ingest scales badly must not stall the whole run).
+    pub budget_s: f64,
 }
 
 /// The workload both shapes and their queries.
@@ -66,11 +69,20 @@ pub struct Outcome {
 }
 
 /// Feed every worker's payloads to `peer`, a group of workers at a time,
-/// charging only `apply` (and `settle`) to the clock.
-fn build<P: Peer>(fleet: &Fleet, peer: &mut P, msgpack: bool) -> (u64, u64) {
+/// charging only `apply` (and `settle`) to the clock: (block events, ns),
+/// or why it stopped early.
+fn build<P: Peer>(fleet: &Fleet, peer: &mut P, msgpack: bool, budget_s: f64) -> Result<(u64, u64), String> {
     let mut sw = Stopwatch::default();
     let mut events = 0;
     for first in (0..fleet.workers).step_by(GROUP) {
+        if sw.ns as f64 > budget_s * 1e9 {
+            return Err(format!(
+                "ingest stopped after {budget_s} CPU seconds: {first} of {} workers, {events} block events \
+                 ({:.3} M/s so far)",
+                fleet.workers,
+                rate(events, sw.ns)
+            ));
+        }
         let group: Vec<Vec<Payload>> =
             (first..(first + GROUP).min(fleet.workers)).map(|w| fleet.worker_payloads(w)).collect();
         let mut order: Vec<&Payload> = Vec::new();
@@ -97,7 +109,7 @@ fn build<P: Peer>(fleet: &Fleet, peer: &mut P, msgpack: bool) -> (u64, u64) {
             });
         }
     }
-    (events, sw.ns)
+    Ok((events, sw.ns))
 }
 
 fn rate(events: u64, ns: u64) -> f64 {
@@ -135,17 +147,17 @@ fn latency<P: Peer>(peer: &P, queries: &[&[u32]], reps: usize) -> (f64, f64) {
 }
 
 /// Build `P` over `fleet` and weigh it: (peer, heap bytes it keeps, events, ns).
-fn weighed<P: Peer>(fleet: &Fleet, msgpack: bool) -> Result<(P, usize, u64, u64), String> {
+fn weighed<P: Peer>(fleet: &Fleet, msgpack: bool, budget_s: f64) -> Result<(P, usize, u64, u64), String> {
     let before = live_bytes();
     let mut peer = P::new(fleet.workers)?;
-    let (events, ns) = build(fleet, &mut peer, msgpack);
+    let (events, ns) = build(fleet, &mut peer, msgpack, budget_s)?;
     Ok((peer, live_bytes().saturating_sub(before), events, ns))
 }
 
 pub fn run<P: Peer>(work: &Work, s: &Settings) -> Outcome {
     let mut o = Outcome { name: P::NAME, ..Outcome::default() };
     eprintln!("[{}] shared fleet, pre-decoded events", P::NAME);
-    let (peer, bytes, events, ns) = match weighed::<P>(&work.shared, false) {
+    let (peer, bytes, events, ns) = match weighed::<P>(&work.shared, false, s.budget_s) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("[{}] skipped: {e}", P::NAME);
@@ -171,19 +183,30 @@ pub fn run<P: Peer>(work: &Work, s: &Settings) -> Outcome {
 
     if P::MSGPACK {
         eprintln!("[{}] shared fleet, msgpack payloads", P::NAME);
-        let (peer, _, events, ns) = weighed::<P>(&work.shared, true).expect("built once already");
-        o.ingest_msgpack = Some(rate(events, ns));
-        o.rejected += peer.rejected();
-        // The msgpack path must reach the same state as the decoded one.
-        let again: Vec<_> = work.shared_queries().map(|q| peer.depths(peer.query(q))).collect();
-        if again != o.answers_shared {
-            eprintln!("[{}] msgpack ingest answers differently from pre-decoded ingest", P::NAME);
-            o.rejected += 1;
+        match weighed::<P>(&work.shared, true, s.budget_s) {
+            Ok((peer, _, events, ns)) => {
+                o.ingest_msgpack = Some(rate(events, ns));
+                o.rejected += peer.rejected();
+                // The msgpack path must reach the same state as the decoded one.
+                let again: Vec<_> = work.shared_queries().map(|q| peer.depths(peer.query(q))).collect();
+                if again != o.answers_shared {
+                    eprintln!("[{}] msgpack ingest answers differently from pre-decoded ingest", P::NAME);
+                    o.rejected += 1;
+                }
+            }
+            Err(e) => eprintln!("[{}] msgpack: {e}", P::NAME),
         }
     }
 
     eprintln!("[{}] unshared fleet", P::NAME);
-    let (peer, bytes, _, _) = weighed::<P>(&work.unshared, false).expect("built once already");
+    let (peer, bytes, _, _) = match weighed::<P>(&work.unshared, false, s.budget_s) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("[{}] unshared fleet: {e}", P::NAME);
+            o.unsupported = Some(format!("unshared fleet: {e}"));
+            return o;
+        }
+    };
     o.bytes_unshared = Some(bytes);
     o.reported_unshared = peer.reported_bytes();
     o.holdings_unshared = peer.holdings();

@@ -25,7 +25,7 @@ fn work(workers: usize, holdings: usize) -> Work {
     }
 }
 
-const QUICK: Settings = Settings { hot_reps: 3, div_reps: 1 };
+const QUICK: Settings = Settings { hot_reps: 3, div_reps: 1, budget_s: 60.0 };
 
 #[test]
 fn msgpack_payloads_carry_the_decoded_events() {
@@ -164,4 +164,13 @@ fn a_refilled_hole_reconnects_the_blocks_after_it() {
     assert_eq!(hole::<DynamoPool>(true), (0, vec![(0, 3)]));
     assert_eq!(hole::<SmgChain>(true), (0, vec![(0, 4)]));
     assert_eq!(hole::<SmgRadix>(true), (0, vec![(0, 4)]));
+}
+
+#[test]
+fn an_ingest_over_its_budget_is_given_up_and_said_so() {
+    let w = work(40, 40 * 200);
+    let o = run::<Kvsync>(&w, &Settings { hot_reps: 1, div_reps: 1, budget_s: 1e-9 });
+    let why = o.unsupported.expect("over budget");
+    assert!(why.starts_with("ingest stopped after 0.000000001 CPU seconds: 16 of 40 workers"), "{why}");
+    assert!(o.answers_shared.is_empty() && o.ingest_decoded.is_none());
 }
