@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 
-use crate::measure::{live_bytes, quantile, thread_cpu_ns, Stopwatch};
+use crate::measure::{live_bytes, process_cpu_ns, quantile, thread_cpu_ns, Stopwatch};
 use crate::peers::Peer;
 use crate::workload::{Fleet, Payload};
 
@@ -70,19 +70,13 @@ pub struct Outcome {
 
 /// Feed every worker's payloads to `peer`, a group of workers at a time,
 /// charging only `apply` (and `settle`) to the clock: (block events, ns),
-/// or why it stopped early.
+/// or why it stopped early (past `budget_s` CPU seconds, checked every 16
+/// payloads).
 fn build<P: Peer>(fleet: &Fleet, peer: &mut P, msgpack: bool, budget_s: f64) -> Result<(u64, u64), String> {
+    let budget = (budget_s * 1e9) as u64;
     let mut sw = Stopwatch::default();
     let mut events = 0;
     for first in (0..fleet.workers).step_by(GROUP) {
-        if sw.ns as f64 > budget_s * 1e9 {
-            return Err(format!(
-                "ingest stopped after {budget_s} CPU seconds: {first} of {} workers, {events} block events \
-                 ({:.3} M/s so far)",
-                fleet.workers,
-                rate(events, sw.ns)
-            ));
-        }
         let group: Vec<Vec<Payload>> =
             (first..(first + GROUP).min(fleet.workers)).map(|w| fleet.worker_payloads(w)).collect();
         let mut order: Vec<&Payload> = Vec::new();
@@ -90,23 +84,36 @@ fn build<P: Peer>(fleet: &Fleet, peer: &mut P, msgpack: bool, budget_s: f64) -> 
         for i in 0..longest {
             order.extend(group.iter().filter_map(|ps| ps.get(i)));
         }
-        events += order.iter().map(|p| p.block_events()).sum::<u64>();
-        if msgpack {
-            let bufs: Vec<(u32, Vec<u8>)> =
-                order.iter().enumerate().map(|(i, p)| (p.worker, p.msgpack(1.75e9 + i as f64 * 1e-3))).collect();
-            sw.time(|| {
-                for (w, b) in &bufs {
-                    peer.ingest_msgpack(*w, b);
-                }
-                peer.settle();
-            });
+        let bufs: Vec<Vec<u8>> = if msgpack {
+            order.iter().enumerate().map(|(i, p)| p.msgpack(1.75e9 + i as f64 * 1e-3)).collect()
         } else {
-            sw.time(|| {
-                for p in &order {
+            Vec::new()
+        };
+        let spent = sw.ns;
+        let mut stopped = false;
+        sw.time(|| {
+            let t0 = process_cpu_ns();
+            for (i, p) in order.iter().enumerate() {
+                if i % 16 == 0 && spent + (process_cpu_ns() - t0) > budget {
+                    stopped = true;
+                    break;
+                }
+                if msgpack {
+                    peer.ingest_msgpack(p.worker, &bufs[i]);
+                } else {
                     peer.ingest(p);
                 }
-                peer.settle();
-            });
+                events += p.block_events();
+            }
+            peer.settle();
+        });
+        if stopped {
+            return Err(format!(
+                "ingest stopped after {budget_s} CPU seconds: {events} block events of the first {} workers' \
+                 ({:.3} M/s so far)",
+                (first + GROUP).min(fleet.workers),
+                rate(events, sw.ns)
+            ));
         }
     }
     Ok((events, sw.ns))

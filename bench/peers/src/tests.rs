@@ -171,6 +171,6 @@ fn an_ingest_over_its_budget_is_given_up_and_said_so() {
     let w = work(40, 40 * 200);
     let o = run::<Kvsync>(&w, &Settings { hot_reps: 1, div_reps: 1, budget_s: 1e-9 });
     let why = o.unsupported.expect("over budget");
-    assert!(why.starts_with("ingest stopped after 0.000000001 CPU seconds: 16 of 40 workers"), "{why}");
+    assert!(why.starts_with("ingest stopped after 0.000000001 CPU seconds: 0 block events of the first 16"), "{why}");
     assert!(o.answers_shared.is_empty() && o.ingest_decoded.is_none());
 }
