@@ -223,7 +223,7 @@ fn main() -> ExitCode {
             ("block_events", k.block_events.to_string()),
             ("block_size", workload::BS.to_string()),
             ("seed", args.seed.to_string()),
-            ("machine", format!("{machine:?}")),
+            ("machine", report::json_str(&machine)),
         ];
         if let Err(e) = std::fs::write(path, report::json(&config, &all, &agree)) {
             eprintln!("kvsync-peers: cannot write --json {path}: {e}");

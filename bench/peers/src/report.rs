@@ -177,7 +177,8 @@ fn json_num(v: Option<f64>) -> String {
     v.map_or_else(|| "null".into(), |v| format!("{v:.4}"))
 }
 
-fn json_str(v: &str) -> String {
+/// `v` as a JSON string literal.
+pub fn json_str(v: &str) -> String {
     let mut s = String::from("\"");
     for c in v.chars() {
         match c {

@@ -16,8 +16,9 @@
 //!   evicts the tail (1-64 blocks, tail first, as vLLM's block pool frees
 //!   them) of an earlier private prompt, every eighth one a single
 //!   interior block of one (a hole: the worker's prefix ends there), and
-//!   every eighth the oldest hole is refilled (the engine recomputes from
-//!   the missing block on and stores all of it again, as vLLM does); the
+//!   every eighth a hole of the oldest holed chain is refilled (the engine
+//!   recomputes from the missing block on and stores all of it again, as
+//!   vLLM does); the
 //!   system prompt is re-sent at the end (stores are idempotent).
 //! - `Unshared`: the same without the system prompt, the hot prompt or the
 //!   documents: every block is held by one worker only.

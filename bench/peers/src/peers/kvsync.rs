@@ -11,7 +11,7 @@ use crate::workload::{Ev, Payload, BS};
 const MODEL: &str = "m";
 
 pub struct Kvsync {
-    pub ix: Index,
+    ix: Index,
     ids: Vec<String>,
     /// Worker index by registration slot.
     by_slot: Vec<u32>,
