@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             }
             eprintln!(
                 "usage: kvsync-peers [--holdings N (1M)] [--workers N (256)] [--seed N (42)] \
-                 [--peers {}] [--hot-reps N (2000)] [--queries N (300)] [--budget-s S (300)] [--json OUT]",
+                 [--peers {}|none] [--hot-reps N (2000)] [--queries N (300)] [--budget-s S (300)] [--json OUT]",
                 PEERS.join(",")
             );
             return ExitCode::from(2);
@@ -190,6 +190,10 @@ fn main() -> ExitCode {
         println!("kvsync skipped {} events of a clean stream", k.rejected);
         failed = true;
     }
+    if k.msgpack_differs {
+        println!("kvsync: the index built from msgpack payloads answers differently from the pre-decoded one");
+        failed = true;
+    }
     for (o, a) in all[1..].iter().zip(&agree) {
         if let Some(why) = &o.unsupported {
             println!("{}: not (fully) run: {why}", o.name);
@@ -199,6 +203,10 @@ fn main() -> ExitCode {
         }
         if o.rejected > 0 {
             println!("{}: {} events refused or dropped", o.name, o.rejected);
+        }
+        if o.msgpack_differs {
+            println!("{}: the index built from msgpack payloads answers differently from the pre-decoded one", o.name);
+            failed = true;
         }
         if !a.exact() {
             println!(

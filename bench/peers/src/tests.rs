@@ -86,6 +86,7 @@ fn every_peer_answers_like_kvsync_on_a_small_fleet() {
     let w = work(24, 30_000);
     let k = run::<Kvsync>(&w, &QUICK);
     assert_eq!(k.rejected, 0);
+    assert!(!k.msgpack_differs);
     assert!(k.answers_unshared.iter().any(|a| !a.is_empty()));
     let peers = [
         run::<DynamoRadix>(&w, &QUICK),
@@ -98,6 +99,7 @@ fn every_peer_answers_like_kvsync_on_a_small_fleet() {
         assert!(a.exact(), "{}: {:?}", p.name, a.example);
         assert_eq!(a.queries, 1 + 40 + 20);
         assert_eq!(p.rejected, 0, "{}", p.name);
+        assert!(!p.msgpack_differs, "{}", p.name);
     }
 }
 
