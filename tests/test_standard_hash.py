@@ -112,6 +112,7 @@ def test_the_hash_seed_is_the_indexs_and_survives_a_snapshot(tmp_path: Path) -> 
     path = tmp_path / "seed42.kvs"
     ix.save(path)
     back = kvsync.Index.load(path)
+    assert (ix.hash_seed, back.hash_seed, kvsync.Index().hash_seed) == (42, 42, 1337)
     assert back.match_hashes("m", standard_hash.seq_hashes(PROMPT, 4, seed=42)) == {"a": 2}
     with pytest.raises(OverflowError):
         kvsync.Index(hash_seed=2**64)

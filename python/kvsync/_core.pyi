@@ -140,6 +140,9 @@ class Index:
         Raises InvalidArgumentError (a ValueError) for a bound out of range.
         """
 
+    @property
+    def hash_seed(self) -> int:
+        """The seed of this index's standard prefix hashes (saved in snapshots)."""
     def add_worker(self, worker_id: str, model: str) -> None: ...
     def remove_worker(self, worker_id: str) -> bool:
         """Remove a worker and its holdings; False if unknown. A worker an

@@ -209,6 +209,12 @@ impl Index {
         Ok(Index::wrap(kvsync_core::Index::with_seed(capacity, hash_seed)?))
     }
 
+    /// The seed of this index's standard prefix hashes (saved in snapshots).
+    #[getter]
+    fn hash_seed(&self, py: Python<'_>) -> u64 {
+        self.inner.with_read(py, kvsync_core::Index::hash_seed)
+    }
+
     /// Register a worker (one engine event stream) of `model`.
     fn add_worker(&self, py: Python<'_>, worker_id: &str, model: &str) -> Result<()> {
         Ok(self.inner.write(py).add_worker(worker_id, model)?)
