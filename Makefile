@@ -41,6 +41,10 @@ bench: ## install kvsync with the bench extra, run the pytest-benchmark suite an
 	$(PYTHON) -m pytest bench -m benchmark --benchmark-enable
 	cargo bench -p kvsync-core --bench index -- --warm-up-time 1 --measurement-time 3
 
+.PHONY: bench-peers
+bench-peers: ## kvsync vs Dynamo and SMG indexes, 1M holdings (PEERS_ARGS='--holdings 10M --json peers.json')
+	cargo run --release --manifest-path bench/peers/Cargo.toml -- $(PEERS_ARGS)
+
 .PHONY: fuzz
 fuzz: ## long proptest runs: decoder and index fuzz, stream model (FUZZ_CASES=..., STREAM_CASES=...)
 	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release -p kvsync-core --test fuzz
