@@ -82,7 +82,9 @@ pub const DEFAULT_SEED: u64 = 1337;
 
 /// `local(i)` of one block: its tokens and its extra keys (already
 /// filtered; empty means none, which gives the standard local hash).
-#[inline(always)] // the hashing loops' body: LLVM left it out of line otherwise
+// The hashing loops' body: with a plain #[inline], LLVM kept it out of line.
+#[allow(clippy::inline_always)]
+#[inline(always)]
 pub fn local_hash(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
     if extras.is_empty() {
         return xxh3_64_with_seed(&token_bytes(tokens), seed);
@@ -105,6 +107,7 @@ fn local_hash_with_extras(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u6
 }
 
 /// `seq(i)` from `seq(i-1)` (None for the first block) and `local(i)`.
+#[allow(clippy::inline_always)] // the serial step of every hashing loop
 #[inline(always)]
 pub fn chain(prev: Option<u64>, local: u64, seed: u64) -> u64 {
     match prev {
