@@ -242,3 +242,18 @@ def test_a_pods_topic_is_a_string_or_none() -> None:
     assert kvsync.Pod("p", "m", "h", topic="kv@p").subscription(b"") == b"kv@p"
     with pytest.raises(TypeError, match=r"Pod\.topic must be a str or None, got b'kv'"):
         kvsync.Pod("p", "m", "h", topic=b"kv")  # type: ignore[arg-type]
+
+
+def test_a_growing_restart_count_asks_the_manager_for_a_restart_probe(
+    rec: Reconciler, manager: kvsync.EventManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed: list[str] = []
+    monkeypatch.setattr(manager, "probe_restart", probed.append)
+    rec.replace("kubernetes", [pub("a", source="kubernetes", restarts=1)])
+    assert probed == []  # a new pod: its start replays anyway
+    rec.replace("kubernetes", [pub("a", source="kubernetes", restarts=1, ready=False)])
+    assert probed == []  # same count
+    rec.replace("kubernetes", [pub("a", source="kubernetes", restarts=3)])
+    assert probed == ["a"]
+    rec.replace("kubernetes", [pub("a", source="kubernetes", restarts=3)])
+    assert probed == ["a"]

@@ -19,6 +19,9 @@ A REP control socket takes JSON commands, answered with JSON:
   in the replay buffer, as when a subscriber misses them);
 - ``{"op": "restart"}``: like an engine restart: sockets closed and bound
   again, seq back to 0, cache emptied, new engine hash seed;
+- ``{"op": "reset"}``: a restart the connection survives (as behind a
+  proxy): seq back to 0, cache and replay buffer emptied, new engine hash
+  seed, sockets kept, so only a probe can notice it while it stays idle;
 - ``{"op": "clear"}``: publish AllBlocksCleared and empty the cache;
 - ``{"op": "malformed"}``: publish a payload that is not a KVEventBatch;
 - ``{"op": "run", "rate": r}`` / ``{"op": "pause"}``: publish continuously at
@@ -286,8 +289,8 @@ class Rank:
 
 
 OPS = frozenset(
-    {"ping", "step", "serve", "truth", "drop", "restart", "clear", "malformed", "run", "pause"}
-    | {"stats", "stop"}
+    {"ping", "step", "serve", "truth", "drop", "restart", "reset", "clear", "malformed"}
+    | {"run", "pause", "stats", "stop"}
 )
 # Bounds a control message cannot exceed: a typo must not wedge the simulator.
 MAX_COUNT = 1_000_000
@@ -460,6 +463,13 @@ class Simulator:
             return {"ok": True}
         if op == "restart":
             self.restart()
+            return {"ok": True}
+        if op == "reset":
+            for r in self.ranks:
+                r.seq = 0
+                r.buffer.clear()
+                seed = self.rng.getrandbits(63)
+                r.pool = BlockPool(self.args.block_size, self.args.capacity, seed)
             return {"ok": True}
         if op == "clear":
             for r in self.ranks:

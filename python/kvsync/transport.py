@@ -171,6 +171,13 @@ class EventManager:
         Raises ``KeyError`` for an unknown pod."""
         self._call(lambda: self._remove_pod(name))
 
+    def probe_restart(self, name: str) -> None:
+        """Pod ``name``'s engine may have restarted (its container restart
+        count grew): ask each of its workers for a replay probe now, as on a
+        reconnect, so a restart that stays idle is found too. KeyError for an
+        unknown pod."""
+        self._call(lambda: self._probe_restart(name))
+
     def status(self) -> dict[str, WorkerStatus]:
         """``{worker_id: WorkerStatus}`` (state, last_seq, batches, events,
         gaps, replays, lost_batches, resets, malformed, dropped, seconds
@@ -288,6 +295,13 @@ class EventManager:
                 fut.set_exception(e)
             else:
                 fut.set_result(None)
+
+    def _probe_restart(self, name: str) -> None:
+        now = time.monotonic()
+        for wid, _ in self._pods[name].workers():
+            w = self._workers[wid]
+            if w.connected_once:  # before the first connect, the start replays anyway
+                self._follow(w, self._streams.reconnected(wid, now))
 
     # ---------------------------------------------------- pods (either side)
 

@@ -245,6 +245,12 @@ class Reconciler:
             old = self._pubs.get(name)
             if old is not None and old.pod == pub.pod:
                 self._pubs[name] = pub  # readiness, restarts, tenant: no stream change
+                if pub.restarts > old.restarts:
+                    # A container restarted at the same address: its engine
+                    # may have lost its cache, and may stay idle after.
+                    log.info("discovery: pod %r restarted, probing its engine", name)
+                    with contextlib.suppress(KeyError):
+                        self.manager.probe_restart(name)
                 continue
             if old is not None:
                 # A new address, model or topic: what the old one held is
