@@ -6,6 +6,7 @@ neither lose changes nor drop pods."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,9 @@ def test_container_restarts_grow_the_publishers_restart_count(
 
 
 def test_a_pod_without_a_model_label_is_reported_once_and_not_followed(
-    apiserver: FakeApiServer, recorder: Recorder, source_of: Any
+    apiserver: FakeApiServer, recorder: Recorder, source_of: Any, caplog: Any
 ) -> None:
+    caplog.set_level(logging.ERROR, logger="kvsync.discovery.kubernetes")
     apiserver.put(pod("nomodel", labels={"kvsync.io/kv-events": "true"}))
     apiserver.put(
         pod(
@@ -203,11 +205,19 @@ def test_a_pod_without_a_model_label_is_reported_once_and_not_followed(
     assert src.errors == 1
     assert src.last_error is not None and "nomodel" in src.last_error
     assert "kvsync.io/model" in src.last_error
-    # Other changes do not report it again; a model label makes it followed.
-    apiserver.patch("aibrix", annotate(note="x"))
+    # Neither its own changes nor a re-list report it again; a model label
+    # makes it followed.
+    apiserver.patch("nomodel", annotate(note="x"))
+    with apiserver.outage():
+        apiserver.patch("aibrix", annotate(note="y"))
+        apiserver.compact()
+        wait_for("a failed request", lambda: src.errors > 1)
+    recorder.wait("the re-list", lambda c: src.lists == 2)
+    reports = [r for r in caplog.records if "nomodel" in r.getMessage()]
+    assert len(reports) == 1
     apiserver.patch("nomodel", lambda o: o["metadata"]["labels"].update({"kvsync.io/model": "m"}))
     assert recorder.wait("nomodel", lambda c: "nomodel" in c)["nomodel"].pod.model == "m"
-    assert src.errors == 1 and src.last_error is None
+    wait_for("the error to clear", lambda: src.last_error is None)
 
 
 @pytest.mark.parametrize(
@@ -420,3 +430,27 @@ def test_stop_ends_a_long_watch(
     src.stop(timeout=10)
     assert src._thread is not None and not src._thread.is_alive()
     wait_for("the watch to close", lambda: apiserver.open_watches == 0)
+
+
+def test_in_a_cluster_without_a_service_account_the_error_says_so(
+    recorder: Recorder, monkeypatch: Any
+) -> None:
+    if Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists():
+        pytest.skip("this machine runs in a cluster")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    with pytest.raises(KubernetesConfigError, match="in-cluster"):
+        KubernetesSource(recorder)
+
+
+def test_a_given_api_client_is_used(
+    apiserver: FakeApiServer, recorder: Recorder, kubeconfig: Path
+) -> None:
+    from kubernetes import config
+
+    apiserver.put(pod("p"))
+    client = config.new_client_from_config(config_file=str(kubeconfig))
+    src = KubernetesSource(recorder, api_client=client, watch_timeout=2)
+    with src:
+        assert src.namespace == "default"
+        recorder.wait("p", lambda c: "p" in c)
