@@ -1,11 +1,14 @@
 """kvsync: exact KV-cache event synchronization for vLLM and SGLang fleets.
 
 The index and the wire decoder are in Rust (``kvsync._core``); this package
-re-exports them and adds the command line (``kvsync``).
+re-exports them and adds the transport (``EventManager``), discovery
+(``kvsync.discovery``), routing (``Router``) and the command line
+(``kvsync``).
 
 Every error kvsync raises is a ``kvsync.Error`` and also the builtin
 exception callers already catch (``DecodeError`` is a ``ValueError``,
-``UnknownWorkerError`` a ``KeyError``, ``FileError`` an ``OSError``, ...).
+``UnknownWorkerError`` a ``KeyError``, ``FileError`` an ``OSError``,
+``NoWorkersError`` a ``LookupError``, ...).
 """
 
 from kvsync._core import (
@@ -27,6 +30,8 @@ from kvsync._core import (
     decode,
     seq_hashes,
 )
+from kvsync.errors import NoEligibleWorkerError, NoWorkersError
+from kvsync.routing import Route, Router, Score
 from kvsync.transport import EventManager, Pod
 
 __all__ = [
@@ -41,7 +46,12 @@ __all__ = [
     "Index",
     "InvalidArgumentError",
     "InvariantError",
+    "NoEligibleWorkerError",
+    "NoWorkersError",
     "Pod",
+    "Route",
+    "Router",
+    "Score",
     "SnapshotError",
     "UnknownWorkerError",
     "WorkerBusyError",

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Pod:
     """An engine pod. Rank ``r`` of ``dp_size`` listens on ``pub_port + r``
-    (and ``replay_port + r``); ``replay_port=None`` means no replay endpoint."""
+    (and ``replay_port + r``); ``replay_port=None`` means no replay endpoint.
+    ``topic`` is the ZMQ topic filter its SUB sockets subscribe with
+    (``None``: the ``EventManager``'s topic)."""
 
     name: str
     model: str
@@ -16,6 +18,7 @@ class Pod:
     pub_port: int = 5557
     replay_port: int | None = 5558
     dp_size: int = 1
+    topic: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -27,6 +30,12 @@ class Pod:
         for port in (self.pub_port, self.replay_port):
             if port is not None and not 0 < port < 65536:
                 raise ValueError(f"port {port} out of range")
+        if self.topic is not None and not isinstance(self.topic, str):
+            raise TypeError(f"Pod.topic must be a str or None, got {self.topic!r}")
+
+    def subscription(self, default: bytes) -> bytes:
+        """The topic filter of this pod's SUB sockets (``default`` when unset)."""
+        return default if self.topic is None else self.topic.encode()
 
     def workers(self) -> list[tuple[str, int]]:
         """``(worker_id, rank)``: the pod name when dp_size == 1, else

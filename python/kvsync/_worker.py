@@ -74,7 +74,7 @@ class Worker:
         self.sub = sub
         opts.apply(sub)
         sub.setsockopt(zmq.RCVHWM, opts.rcvhwm)
-        sub.setsockopt(zmq.SUBSCRIBE, opts.topic)
+        sub.setsockopt(zmq.SUBSCRIBE, self.pod.subscription(opts.topic))
         self.monitor = sub.get_monitor_socket(MONITOR_EVENTS)
         self.connect(sub, self.pod.pub_port)
         return sub

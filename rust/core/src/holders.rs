@@ -11,6 +11,19 @@
 //!
 //! The pool switches representation by size, so memory per holding stays
 //! near 4 bytes for small sets and near 3 bits for large ones.
+//!
+//! Pool sets are shared: blocks with the same holders (the blocks of a
+//! prefix that the same workers cached, a stretch of a chain) point at one
+//! set, found by a content hash (XOR of a mix of each entry, updated in
+//! O(1) per change) and reference-counted. Changing one block's holders
+//! moves its handle to the set with the new content, reusing an equal set
+//! when one exists, editing in place when the block is the only user, and
+//! copying otherwise. So a prefix held by 150 workers costs one bitmap per
+//! stretch instead of one per block, and a match walking such a stretch
+//! meets the same handle again and skips the intersection (it cannot
+//! change the surviving workers).
+
+use hashbrown::HashTable;
 
 const POOL_BIT: u32 = 1 << 31;
 const TIER_BITS: u32 = 3;
@@ -18,7 +31,7 @@ const TIER_MASK: u32 = 0b111;
 /// Largest worker slot the inline form can carry.
 pub const MAX_SLOT: u32 = (1 << (31 - TIER_BITS)) - 1;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Set {
     Sparse(Vec<u32>),
     /// `words` bitmap words per tier, laid out `[gpu | cpu | storage]`.
@@ -32,8 +45,24 @@ enum Set {
 #[derive(Debug, Default)]
 pub struct Pool {
     sets: Vec<Set>,
+    /// Handles pointing at each set (0: a free set).
+    refs: Vec<u32>,
+    /// Content hash of each set: XOR of `entry_hash` over its entries.
+    sums: Vec<u64>,
+    /// Live sets by content hash.
+    by_content: HashTable<u32>,
     free: Vec<u32>,
     heap_bytes: usize,
+}
+
+/// Hash of one entry (`slot << 3 | tiers`) in a set's content hash.
+#[inline]
+fn entry_hash(e: u32) -> u64 {
+    // splitmix64's finaliser: every input bit moves about half the output.
+    let mut x = u64::from(e).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn pack(slot: u32, tiers: u8) -> u32 {
@@ -77,7 +106,17 @@ fn dense_get(words: usize, bits: &[u64], slot: u32) -> u8 {
 impl Pool {
     /// Bytes on the heap held by the pool (exact, from capacities).
     pub fn memory_bytes(&self) -> usize {
-        self.sets.capacity() * std::mem::size_of::<Set>() + self.free.capacity() * 4 + self.heap_bytes
+        self.sets.capacity() * std::mem::size_of::<Set>()
+            + self.refs.capacity() * 4
+            + self.sums.capacity() * 8
+            + self.by_content.allocation_size()
+            + self.free.capacity() * 4
+            + self.heap_bytes
+    }
+
+    /// Sets in use (each shared by `refs` handles).
+    pub fn live_sets(&self) -> usize {
+        self.by_content.len()
     }
 
     /// Tiers in which `slot` holds the block (0 when it does not).
@@ -200,7 +239,8 @@ impl Pool {
         }
     }
 
-    /// Set `slot`'s tiers (0 removes it); returns the previous tiers.
+    /// Set `slot`'s tiers (0 removes it) in the set behind `h`, moving `h`
+    /// to the set with the new content; returns the previous tiers.
     pub fn set(&mut self, h: &mut u32, slot: u32, tiers: u8) -> u8 {
         debug_assert!(slot <= MAX_SLOT && tiers <= 7);
         if *h == 0 {
@@ -220,132 +260,308 @@ impl Pool {
             }
             let mut v = vec![pack(s, t), pack(slot, tiers)];
             v.sort_unstable();
-            *h = self.alloc(Set::Sparse(v));
+            let sum = entry_hash(v[0]) ^ entry_hash(v[1]);
+            *h = match self.find_equal(sum, &Set::Sparse(v.clone()), None) {
+                Some(j) => {
+                    self.refs[j as usize] += 1;
+                    POOL_BIT | j
+                }
+                None => self.alloc(Set::Sparse(v), sum),
+            };
             return 0;
         }
         let idx = (*h & !POOL_BIT) as usize;
-        let before = self.sets[idx].heap_bytes();
-        let old = match &mut self.sets[idx] {
-            Set::Sparse(v) => match v.binary_search_by_key(&slot, |e| e >> TIER_BITS) {
-                Ok(i) => {
-                    let old = unpack(v[i]).1;
-                    if tiers == 0 {
-                        v.remove(i);
-                    } else {
-                        v[i] = pack(slot, tiers);
-                    }
-                    old
+        let old = self.get(*h, slot);
+        if old == tiers {
+            return old;
+        }
+        let new_len = self.sets[idx].len() + u32::from(tiers != 0) - u32::from(old != 0);
+        if new_len <= 1 {
+            // One holder left (or none): back to the inline form.
+            // (Only a removal from a pair gets here.)
+            let mut single = 0;
+            self.for_each(*h, |s, t| {
+                if s != slot {
+                    single = pack(s, t);
                 }
-                Err(i) => {
-                    if tiers != 0 {
-                        v.insert(i, pack(slot, tiers));
-                    }
-                    0
-                }
-            },
-            Set::Dense { words, bits, count } => {
-                let w = (slot / 64) as usize;
-                if w >= *words && tiers != 0 {
-                    let nw = w + 1;
-                    let mut nb = vec![0u64; 3 * nw];
-                    for tier in 0..3 {
-                        nb[tier * nw..tier * nw + *words].copy_from_slice(&bits[tier * *words..(tier + 1) * *words]);
-                    }
-                    *bits = nb;
-                    *words = nw;
-                }
-                let old = dense_get(*words, bits, slot);
-                if w < *words {
-                    for tier in 0..3 {
-                        let bit = 1u64 << (slot % 64);
-                        if tiers >> tier & 1 == 1 {
-                            bits[tier * *words + w] |= bit;
-                        } else {
-                            bits[tier * *words + w] &= !bit;
-                        }
-                    }
-                }
-                match (old != 0, tiers != 0) {
-                    (false, true) => *count += 1,
-                    (true, false) => *count -= 1,
-                    _ => {}
-                }
-                old
-            }
+            });
+            self.unref(idx);
+            *h = single;
+            return old;
+        }
+        let mut sum = self.sums[idx];
+        if old != 0 {
+            sum ^= entry_hash(pack(slot, old));
+        }
+        if tiers != 0 {
+            sum ^= entry_hash(pack(slot, tiers));
+        }
+        if let Some(j) = self.find_equal(sum, &self.sets[idx], Some((slot, tiers))) {
+            self.refs[j as usize] += 1;
+            self.unref(idx);
+            *h = POOL_BIT | j;
+            return old;
+        }
+        let target = if self.refs[idx] == 1 {
+            // The only user: edit in place, filed under the new content.
+            self.unfile(idx);
+            idx
+        } else {
+            self.refs[idx] -= 1;
+            let copy = self.sets[idx].clone();
+            (self.alloc_unfiled(copy) & !POOL_BIT) as usize
         };
-        self.heap_bytes = self.heap_bytes + self.sets[idx].heap_bytes() - before;
-        self.reshape(h);
+        let before = self.sets[target].heap_bytes();
+        edit(&mut self.sets[target], slot, tiers);
+        reshape(&mut self.sets[target]);
+        self.heap_bytes = self.heap_bytes + self.sets[target].heap_bytes() - before;
+        self.sums[target] = sum;
+        self.file(target);
+        *h = POOL_BIT | target as u32;
         old
     }
 
-    fn alloc(&mut self, s: Set) -> u32 {
+    /// A live set whose content is `set` with `patch` (slot, tiers) applied.
+    fn find_equal(&self, sum: u64, set: &Set, patch: Option<(u32, u8)>) -> Option<u32> {
+        self.by_content
+            .find(sum, |&j| self.sums[j as usize] == sum && same_content(&self.sets[j as usize], set, patch))
+            .copied()
+    }
+
+    fn file(&mut self, idx: usize) {
+        let sums = &self.sums;
+        self.by_content.insert_unique(sums[idx], idx as u32, |&j| sums[j as usize]);
+    }
+
+    fn unfile(&mut self, idx: usize) {
+        if let Ok(e) = self.by_content.find_entry(self.sums[idx], |&j| j as usize == idx) {
+            e.remove();
+        }
+    }
+
+    /// Drop one handle's reference; the last one frees the set.
+    fn unref(&mut self, idx: usize) {
+        self.refs[idx] -= 1;
+        if self.refs[idx] == 0 {
+            self.unfile(idx);
+            self.heap_bytes -= self.sets[idx].heap_bytes();
+            self.sets[idx] = Set::Sparse(Vec::new());
+            self.free.push(idx as u32);
+        }
+    }
+
+    fn alloc(&mut self, s: Set, sum: u64) -> u32 {
+        let h = self.alloc_unfiled(s);
+        let idx = (h & !POOL_BIT) as usize;
+        self.sums[idx] = sum;
+        self.file(idx);
+        h
+    }
+
+    /// A new set with one reference, not yet in the content table.
+    fn alloc_unfiled(&mut self, s: Set) -> u32 {
         self.heap_bytes += s.heap_bytes();
         let idx = if let Some(i) = self.free.pop() {
             self.sets[i as usize] = s;
+            self.refs[i as usize] = 1;
             i
         } else {
             self.sets.push(s);
+            self.refs.push(1);
+            self.sums.push(0);
             (self.sets.len() - 1) as u32
         };
         POOL_BIT | idx
     }
 
-    fn release(&mut self, idx: usize) {
-        self.heap_bytes -= self.sets[idx].heap_bytes();
-        self.sets[idx] = Set::Sparse(Vec::new());
-        self.free.push(idx as u32);
+    /// Check the sharing invariants against every handle in use: reference
+    /// counts, content hashes, the content table, no set small enough for
+    /// the inline form, and no two live sets with equal content.
+    pub fn check(&self, handles: impl Iterator<Item = u32>) -> Result<(), String> {
+        let mut refs = vec![0u32; self.sets.len()];
+        for h in handles {
+            if h & POOL_BIT != 0 {
+                let idx = (h & !POOL_BIT) as usize;
+                if idx >= self.sets.len() || self.refs[idx] == 0 {
+                    return Err(format!("handle {h:#x} names a free holder set"));
+                }
+                refs[idx] += 1;
+            }
+        }
+        let mut live = 0;
+        for (idx, set) in self.sets.iter().enumerate() {
+            if refs[idx] != self.refs[idx] {
+                return Err(format!("holder set {idx}: {} handles, count says {}", refs[idx], self.refs[idx]));
+            }
+            if self.refs[idx] == 0 {
+                continue;
+            }
+            live += 1;
+            let mut sum = 0;
+            for_each_entry(set, |e| sum ^= entry_hash(e));
+            if sum != self.sums[idx] {
+                return Err(format!("holder set {idx}: content hash {:#x} != {sum:#x}", self.sums[idx]));
+            }
+            if set.len() < 2 {
+                return Err(format!("holder set {idx} has {} holders (inline form expected)", set.len()));
+            }
+            if self.find_equal(sum, set, None) != Some(idx as u32) {
+                return Err(format!("holder set {idx} is not filed by its content, or has an equal twin"));
+            }
+        }
+        if live != self.by_content.len() {
+            return Err(format!("{live} live holder sets, {} filed", self.by_content.len()));
+        }
+        Ok(())
     }
+}
 
-    /// Pick the cheapest representation for the set behind `h`.
-    fn reshape(&mut self, h: &mut u32) {
-        let idx = (*h & !POOL_BIT) as usize;
-        let len = self.sets[idx].len();
-        if len <= 1 {
-            let mut single = None;
-            self.for_each(*h, |s, t| single = Some(pack(s, t)));
-            self.release(idx);
-            *h = single.unwrap_or(0);
-            return;
-        }
-        let before = self.sets[idx].heap_bytes();
-        let set = &mut self.sets[idx];
-        match set {
-            Set::Sparse(v) => {
-                let max_slot = v.last().map_or(0, |e| e >> TIER_BITS);
-                let words = (max_slot / 64 + 1) as usize;
-                // 4 bytes per sparse entry vs 24 bytes per word of three bitmaps
-                if v.len() > 6 * words {
-                    let mut bits = vec![0u64; 3 * words];
-                    for e in v.iter() {
-                        let (s, t) = unpack(*e);
-                        for tier in 0..3 {
-                            if t >> tier & 1 == 1 {
-                                bits[tier * words + (s / 64) as usize] |= 1 << (s % 64);
-                            }
-                        }
-                    }
-                    *set = Set::Dense { words, bits, count: len };
-                } else if v.capacity() > 2 * v.len() + 4 {
-                    v.shrink_to_fit();
-                }
-            }
-            Set::Dense { words, bits, count } => {
-                if (*count as usize) < 2 * *words {
-                    let mut v = Vec::with_capacity(*count as usize);
-                    for w in 0..*words {
-                        let mut any = bits[w] | bits[*words + w] | bits[2 * *words + w];
-                        while any != 0 {
-                            let b = any.trailing_zeros();
-                            any &= any - 1;
-                            let s = (w as u32) * 64 + b;
-                            v.push(pack(s, dense_get(*words, bits, s)));
-                        }
-                    }
-                    *set = Set::Sparse(v);
+/// Every entry `slot << 3 | tiers` of a set, in slot order.
+fn for_each_entry(set: &Set, mut f: impl FnMut(u32)) {
+    match set {
+        Set::Sparse(v) => v.iter().copied().for_each(f),
+        Set::Dense { words, bits, .. } => {
+            for w in 0..*words {
+                let mut any = bits[w] | bits[words + w] | bits[2 * words + w];
+                while any != 0 {
+                    let b = any.trailing_zeros();
+                    any &= any - 1;
+                    let slot = (w as u32) * 64 + b;
+                    f(pack(slot, dense_get(*words, bits, slot)));
                 }
             }
         }
-        self.heap_bytes = self.heap_bytes + self.sets[idx].heap_bytes() - before;
+    }
+}
+
+/// Whether `a` holds exactly the content of `b` with `patch` applied.
+fn same_content(a: &Set, b: &Set, patch: Option<(u32, u8)>) -> bool {
+    match (a, b, patch) {
+        (Set::Sparse(x), Set::Sparse(y), None) => x == y,
+        (Set::Dense { words: wa, bits: ba, count: ca }, Set::Dense { words: wb, bits: bb, count: cb }, p) => {
+            let (slot, tiers) = p.unwrap_or((u32::MAX, 0));
+            let old = if p.is_some() { dense_get(*wb, bb, slot) } else { 0 };
+            let count = *cb + u32::from(tiers != 0) - u32::from(old != 0);
+            if *ca != count {
+                return false;
+            }
+            let words = (*wa).max(*wb);
+            for tier in 0..3 {
+                for w in 0..words {
+                    let x = if w < *wa { ba[tier * wa + w] } else { 0 };
+                    let mut y = if w < *wb { bb[tier * wb + w] } else { 0 };
+                    if p.is_some() && w == (slot / 64) as usize {
+                        let bit = 1u64 << (slot % 64);
+                        y = if tiers >> tier & 1 == 1 { y | bit } else { y & !bit };
+                    }
+                    if x != y {
+                        return false;
+                    }
+                }
+            }
+            true
+        }
+        _ => {
+            // Mixed forms, or a patched sparse set: compare entry lists.
+            let mut x = Vec::with_capacity(a.len() as usize);
+            for_each_entry(a, |e| x.push(e));
+            let mut y = Vec::with_capacity(b.len() as usize + 1);
+            for_each_entry(b, |e| y.push(e));
+            if let Some((slot, tiers)) = patch {
+                match y.binary_search_by_key(&slot, |e| e >> TIER_BITS) {
+                    Ok(i) if tiers == 0 => {
+                        y.remove(i);
+                    }
+                    Ok(i) => y[i] = pack(slot, tiers),
+                    Err(i) if tiers != 0 => y.insert(i, pack(slot, tiers)),
+                    Err(_) => {}
+                }
+            }
+            x == y
+        }
+    }
+}
+
+/// Set `slot`'s tiers in `set` (0 removes it).
+fn edit(set: &mut Set, slot: u32, tiers: u8) {
+    match set {
+        Set::Sparse(v) => match v.binary_search_by_key(&slot, |e| e >> TIER_BITS) {
+            Ok(i) if tiers == 0 => {
+                v.remove(i);
+            }
+            Ok(i) => v[i] = pack(slot, tiers),
+            Err(i) if tiers != 0 => v.insert(i, pack(slot, tiers)),
+            Err(_) => {}
+        },
+        Set::Dense { words, bits, count } => {
+            let w = (slot / 64) as usize;
+            if w >= *words && tiers != 0 {
+                let nw = w + 1;
+                let mut nb = vec![0u64; 3 * nw];
+                for tier in 0..3 {
+                    nb[tier * nw..tier * nw + *words].copy_from_slice(&bits[tier * *words..(tier + 1) * *words]);
+                }
+                *bits = nb;
+                *words = nw;
+            }
+            let old = dense_get(*words, bits, slot);
+            if w < *words {
+                for tier in 0..3 {
+                    let bit = 1u64 << (slot % 64);
+                    if tiers >> tier & 1 == 1 {
+                        bits[tier * *words + w] |= bit;
+                    } else {
+                        bits[tier * *words + w] &= !bit;
+                    }
+                }
+            }
+            match (old != 0, tiers != 0) {
+                (false, true) => *count += 1,
+                (true, false) => *count -= 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Pick the cheapest representation for a set of two or more holders.
+fn reshape(set: &mut Set) {
+    let len = set.len();
+    match set {
+        Set::Sparse(v) => {
+            let max_slot = v.last().map_or(0, |e| e >> TIER_BITS);
+            let words = (max_slot / 64 + 1) as usize;
+            // 4 bytes per sparse entry vs 24 bytes per word of three bitmaps
+            if v.len() > 6 * words {
+                let mut bits = vec![0u64; 3 * words];
+                for e in v.iter() {
+                    let (s, t) = unpack(*e);
+                    for tier in 0..3 {
+                        if t >> tier & 1 == 1 {
+                            bits[tier * words + (s / 64) as usize] |= 1 << (s % 64);
+                        }
+                    }
+                }
+                *set = Set::Dense { words, bits, count: len };
+            } else if v.capacity() > 2 * v.len() + 4 {
+                v.shrink_to_fit();
+            }
+        }
+        Set::Dense { words, bits, count } => {
+            if (*count as usize) < 2 * *words {
+                let mut v = Vec::with_capacity(*count as usize);
+                for w in 0..*words {
+                    let mut any = bits[w] | bits[*words + w] | bits[2 * *words + w];
+                    while any != 0 {
+                        let b = any.trailing_zeros();
+                        any &= any - 1;
+                        let s = (w as u32) * 64 + b;
+                        v.push(pack(s, dense_get(*words, bits, s)));
+                    }
+                }
+                *set = Set::Sparse(v);
+            }
+        }
     }
 }
 
@@ -365,7 +581,12 @@ mod tests {
                 Set::Dense { bits, .. } => bits.capacity() * 8,
             })
             .sum();
-        p.sets.capacity() * std::mem::size_of::<Set>() + p.free.capacity() * 4 + sets
+        p.sets.capacity() * std::mem::size_of::<Set>()
+            + p.refs.capacity() * 4
+            + p.sums.capacity() * 8
+            + p.by_content.allocation_size()
+            + p.free.capacity() * 4
+            + sets
     }
 
     #[test]
@@ -454,6 +675,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// Several handles over shared sets: each behaves like its own map,
+        /// whatever the others do, and the sharing invariants hold.
+        #[test]
+        fn shared_sets_behave_like_separate_maps(
+            ops in proptest::collection::vec((0usize..4, 0u32..140, 0u8..8), 0..400),
+        ) {
+            let mut pool = Pool::default();
+            let mut handles = [0u32; 4];
+            let mut models: [BTreeMap<u32, u8>; 4] = Default::default();
+            for (i, slot, tiers) in ops {
+                // mostly the same few slots, so contents often coincide
+                let slot = if slot < 120 { slot % 8 } else { slot };
+                let old = pool.set(&mut handles[i], slot, tiers);
+                prop_assert_eq!(old, models[i].get(&slot).copied().unwrap_or(0));
+                if tiers == 0 { models[i].remove(&slot); } else { models[i].insert(slot, tiers); }
+                if let Err(e) = pool.check(handles.iter().copied()) {
+                    prop_assert!(false, "{}", e);
+                }
+                for (h, model) in handles.iter().zip(&models) {
+                    let mut seen = BTreeMap::new();
+                    pool.for_each(*h, |s, t| { seen.insert(s, t); });
+                    prop_assert_eq!(&seen, model);
+                }
+                for a in 0..4 {
+                    for b in 0..4 {
+                        // equal contents share one handle, different ones never do
+                        prop_assert_eq!(handles[a] == handles[b], models[a] == models[b]);
+                    }
+                }
+                prop_assert_eq!(pool.memory_bytes(), recomputed_bytes(&pool));
+            }
+            for (i, h) in handles.iter_mut().enumerate() {
+                for &slot in models[i].keys() {
+                    pool.set(h, slot, 0);
+                }
+            }
+            prop_assert_eq!(handles, [0; 4]);
+            prop_assert_eq!(pool.live_sets(), 0);
+            prop_assert_eq!(pool.heap_bytes, 0);
+        }
+    }
+
+    #[test]
+    fn blocks_with_the_same_holders_share_one_set() {
+        let mut pool = Pool::default();
+        // a chain of 100 blocks each cached by the same 150 workers
+        let mut chain = [0u32; 100];
+        for slot in 0..150 {
+            for h in &mut chain {
+                pool.set(h, slot, 1);
+            }
+        }
+        assert!(chain.iter().all(|&h| h == chain[0]));
+        assert_eq!(pool.live_sets(), 1);
+        pool.check(chain.iter().copied()).unwrap();
+        let one_set = pool.memory_bytes();
+        // one block gains a CPU copy: it alone moves to a new set
+        assert_eq!(pool.set(&mut chain[7], 3, 0b011), 1);
+        assert_eq!(pool.live_sets(), 2);
+        assert_eq!(pool.get(chain[7], 3), 0b011);
+        assert_eq!(pool.get(chain[8], 3), 1, "the other blocks are untouched");
+        // and back: it rejoins the shared set, the copy is freed
+        pool.set(&mut chain[7], 3, 1);
+        assert_eq!(pool.live_sets(), 1);
+        assert!(chain.iter().all(|&h| h == chain[0]));
+        assert!(pool.memory_bytes() <= one_set + 64, "the copy's heap is given back");
+        pool.check(chain.iter().copied()).unwrap();
+        // a count that does not match the handles is reported
+        assert!(pool.check(chain[..99].iter().copied()).unwrap_err().contains("100"));
     }
 
     /// Which representation a handle uses.

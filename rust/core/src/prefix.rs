@@ -68,6 +68,7 @@ pub fn namespace(model: &str, lora: Lora<'_>) -> u64 {
     h.digest()
 }
 
+#[inline]
 fn token_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         std::borrow::Cow::Borrowed(bytemuck::cast_slice(tokens))
@@ -86,6 +87,13 @@ pub fn local_hash(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
     if extras.is_empty() {
         return xxh3_64_with_seed(&token_bytes(tokens), seed);
     }
+    local_hash_with_extras(tokens, extras, seed)
+}
+
+/// kvsync's encoding of a block with extra keys (rare: kept out of line so
+/// the plain path inlines into the hashing loops).
+#[inline(never)]
+fn local_hash_with_extras(tokens: &[u32], extras: &[Value<'_>], seed: u64) -> u64 {
     let mut h = Xxh3::with_seed(seed);
     h.update(&token_bytes(tokens));
     h.update(&[0xfe]);

@@ -20,8 +20,9 @@ pub(crate) fn worker_order(ix: &kvsync_core::Index, model: &str) -> (u64, Vec<St
 
 /// A writable, C-contiguous, 1-D `uint32` buffer.
 pub(crate) fn out_buffer(out: &Bound<'_, PyAny>) -> Result<PyBuffer<u32>> {
-    let buf = PyBuffer::<u32>::get(out)
-        .map_err(|e| Error::invalid(format!("out must be a writable 1-D uint32 buffer (numpy.uint32, array('I')): {e}")))?;
+    let buf = PyBuffer::<u32>::get(out).map_err(|e| {
+        Error::invalid(format!("out must be a writable 1-D uint32 buffer (numpy.uint32, array('I')): {e}"))
+    })?;
     if buf.readonly() {
         return Err(Error::invalid("out must be a writable uint32 buffer, got a read-only one"));
     }

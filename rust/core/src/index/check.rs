@@ -33,6 +33,7 @@ impl Index {
                 return Err(format!("block {slot} is held by worker slot {ws}, which is not registered"));
             }
         }
+        self.pool.check(self.blocks.iter().filter(|b| b.refs != NIL).map(|b| b.holders))?;
         let mut refs = vec![0u32; self.blocks.len()];
         let mut engine_hashes = 0;
         let mut named = vec![false; self.blocks.len()];

@@ -6,9 +6,16 @@ use super::{Index, Model, Query, NIL};
 use crate::prefix::{chain, local_hash, namespace};
 use crate::wire::Value;
 
+/// Local hashes computed ahead of the chain, in batches: they do not
+/// depend on each other, so a tight loop over a batch overlaps them, while
+/// the serial chain step and the walk's loads follow. Small enough that a
+/// walk stopping at the first block wastes little.
+const AHEAD: usize = 16;
+
 /// The prefix keys of a query's full blocks (`prefix`: the standard `seq`
-/// hash XOR the namespace), hashed lazily: a walk that stops early hashes
-/// no further. Without a block size a token query has no keys.
+/// hash XOR the namespace), hashed lazily in batches of [`AHEAD`]: a walk
+/// that stops early hashes little further. Without a block size a token
+/// query has no keys.
 struct Keys<'a, 'q, 'v> {
     q: &'a Query<'q, 'v>,
     /// The full blocks' tokens; none when the block size is not known.
@@ -18,6 +25,9 @@ struct Keys<'a, 'q, 'v> {
     ns: u64,
     seed: u64,
     prev: Option<u64>,
+    locals: [u64; AHEAD],
+    next: usize,
+    filled: usize,
 }
 
 impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
@@ -25,7 +35,25 @@ impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
         let tokens = if block_size.is_some() && q.hashes.is_none() { q.tokens } else { &[] };
         let blocks = tokens.chunks_exact(block_size.map_or(1, |b| b as usize)).enumerate();
         let hashes = q.hashes.unwrap_or_default().iter();
-        Keys { q, blocks, hashes, ns: namespace(q.model, q.lora), seed, prev: None }
+        let ns = namespace(q.model, q.lora);
+        Keys { q, blocks, hashes, ns, seed, prev: None, locals: [0; AHEAD], next: 0, filled: 0 }
+    }
+
+    /// The next batch of local hashes; false when no block is left.
+    #[inline(never)]
+    fn refill(&mut self) -> bool {
+        let mut n = 0;
+        for (i, toks) in self.blocks.by_ref().take(AHEAD) {
+            let extras: &[Value<'_>] = match self.q.extra_keys.and_then(|e| e.get(i)) {
+                Some(Some(v)) => v,
+                _ => &[],
+            };
+            self.locals[n] = local_hash(toks, extras, self.seed);
+            n += 1;
+        }
+        self.next = 0;
+        self.filled = n;
+        n > 0
     }
 }
 
@@ -37,12 +65,11 @@ impl Iterator for Keys<'_, '_, '_> {
         if self.q.hashes.is_some() {
             return self.hashes.next().map(|h| h ^ self.ns);
         }
-        let (i, toks) = self.blocks.next()?;
-        let extras: &[Value<'_>] = match self.q.extra_keys.and_then(|e| e.get(i)) {
-            Some(Some(v)) => v,
-            _ => &[],
-        };
-        let seq = chain(self.prev, local_hash(toks, extras, self.seed), self.seed);
+        if self.next == self.filled && !self.refill() {
+            return None;
+        }
+        let seq = chain(self.prev, self.locals[self.next], self.seed);
+        self.next += 1;
         self.prev = Some(seq);
         Some(seq ^ self.ns)
     }
@@ -133,9 +160,18 @@ impl Index {
         alive.copy_from_slice(&model.members);
         out.reserve(model.workers as usize);
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
+            let holders = self.blocks[slot as usize].holders;
+            if last == Some(holders) {
+                // The same holder set as the block before (a shared set, a
+                // stretch of one chain): the survivors cannot change.
+                i += 1;
+                continue;
+            }
+            last = Some(holders);
             before.copy_from_slice(alive);
-            self.pool.intersect(self.blocks[slot as usize].holders, q.tiers, alive);
+            self.pool.intersect(holders, q.tiers, alive);
             let mut any = 0;
             for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
                 any |= a;
@@ -172,8 +208,14 @@ impl Index {
         let mut before = vec![0u64; words];
         let mut depth = vec![[0u32; 4]; words * 64];
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
             let holders = self.blocks[slot as usize].holders;
+            if last == Some(holders) {
+                i += 1;
+                continue;
+            }
+            last = Some(holders);
             let mut any = 0;
             for (k, alive) in alive.iter_mut().enumerate() {
                 before.copy_from_slice(alive);
