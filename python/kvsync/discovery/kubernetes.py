@@ -35,13 +35,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from kvsync._pod import Pod
-from kvsync.discovery.reconciler import Publisher
+from kvsync.discovery.reconciler import Publisher, Source
 
 __all__ = [
     "ANNOTATION_DP_SIZE",
@@ -86,9 +86,11 @@ class PodProblem(ValueError):
 
 
 class _Reconciler(Protocol):
-    def replace(self, source: Any, publishers: Any) -> Any: ...
+    """What the source needs of a ``Reconciler`` (tests pass recorders)."""
 
-    def expect(self, source: Any) -> None: ...
+    def replace(self, source: Source, publishers: Iterable[Publisher]) -> object: ...
+
+    def expect(self, source: Source) -> None: ...
 
 
 @dataclass(frozen=True)
