@@ -459,6 +459,9 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 return
             url = urlsplit(self.path)
             q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            for flag in ("watch", "allowWatchBookmarks"):
+                if flag in q:  # Go's ParseBool: older clients send "True"
+                    q[flag] = q[flag].lower()
             with server._cond:
                 server.requests.append(Request(url.path, q))
             if self.headers.get("Authorization") != f"Bearer {server.token}":

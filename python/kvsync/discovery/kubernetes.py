@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -275,6 +276,7 @@ class KubernetesSource:
         self._refused = False  # the reconciler refused the last set (or some of its pods)
         self._stopping = threading.Event()
         self._watch: Any = None
+        self._response: Any = None  # the HTTP response of the open watch
         self._thread: threading.Thread | None = None
         reconciler.expect("kubernetes")
 
@@ -294,12 +296,14 @@ class KubernetesSource:
             return
         deadline = time.monotonic() + timeout
         while self._thread.is_alive() and time.monotonic() < deadline:
-            watch = self._watch
+            watch, response = self._watch, self._response
             if watch is not None:
-                # Shuts the watch's socket down; again on every turn, as a
-                # watch whose request was on its way the first time has only
-                # now got a socket.
                 watch.stop()
+            if response is not None:
+                # A watch waits on its socket until the server says something:
+                # shut it down (again on every turn, as a request that was on
+                # its way the first time has only now got a socket).
+                _interrupt(response)
             self._thread.join(0.2)
         if self._thread.is_alive():
             log.warning("kubernetes discovery: the watch thread did not stop in %s s", timeout)
@@ -319,7 +323,11 @@ class KubernetesSource:
             try:
                 if self.resource_version is None:
                     self._list()
-                self._watch_once()
+                began = time.monotonic()
+                if not self._watch_once() and time.monotonic() - began < 1.0:
+                    # A watch that ends at once with nothing in it, again and
+                    # again, must not become a busy loop against the server.
+                    self._stopping.wait(self.backoff_initial)
                 backoff = self.backoff_initial
             except _Gone as e:
                 # The server compacted past our resourceVersion: what
@@ -377,17 +385,24 @@ class KubernetesSource:
             version,
         )
 
-    def _watch_once(self) -> None:
+    def _watch_once(self) -> bool:
+        """One watch request, until it ends; True if it brought any event."""
         from kubernetes.client.exceptions import ApiException
 
         func, args = self._list_function()
         w = _raw_watch_class()()
         self._watch = w
         if self._stopping.is_set():
-            return
+            return False
+        seen = False
         try:
+
+            def call(**kwargs: Any) -> Any:
+                self._response = func(**kwargs)
+                return self._response
+
             events: Iterator[dict[str, Any] | None] = w.stream(
-                func,
+                call,
                 **args,
                 label_selector=self.selector,
                 resource_version=self.resource_version,
@@ -397,15 +412,17 @@ class KubernetesSource:
             )
             for event in events:
                 if self._stopping.is_set():
-                    return
+                    return seen
                 if event is not None:
+                    seen = True
                     self._event(event)
+            return seen
         except ApiException as e:
             if e.status == 410:
                 raise _Gone(f"resourceVersion {self.resource_version} is too old") from e
             raise
         finally:
-            self._watch = None
+            self._watch = self._response = None
 
     def _event(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
@@ -475,6 +492,18 @@ class KubernetesSource:
         log.error("%s", message)
         self.errors += 1
         self.last_error = message
+
+
+def _interrupt(response: Any) -> None:
+    """Unblock a read of a streaming urllib3 response from another thread."""
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        elif callable(getattr(response, "shutdown", None)):  # urllib3 >= 2.3
+            response.shutdown()
+    except (OSError, ValueError):
+        pass  # already closed or released: nothing to unblock
 
 
 def _key(obj: Mapping[str, Any]) -> str:
