@@ -454,3 +454,25 @@ def test_a_given_api_client_is_used(
     with src:
         assert src.namespace == "default"
         recorder.wait("p", lambda c: "p" in c)
+
+
+def test_a_reconciler_failure_is_retried_until_the_set_is_delivered(
+    apiserver: FakeApiServer, source_of: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.ERROR, logger="kvsync.discovery.kubernetes")
+    class FailsOnce(Recorder):
+        failed = False
+
+        def replace(self, source: str, publishers: Any) -> None:
+            if self.sets and not self.failed:  # after the first list
+                self.failed = True
+                raise RuntimeError("the event manager is busy")
+            super().replace(source, publishers)
+
+    recorder = FailsOnce()
+    src = source_of(reconciler=recorder)
+    apiserver.put(pod("p"))
+    recorder.wait("p, after the failure", lambda c: "p" in c)
+    assert recorder.failed and src.errors == 1
+    assert any("busy" in r.getMessage() for r in caplog.records)
+    wait_for("the error to clear", lambda: src.last_error is None)

@@ -369,10 +369,10 @@ class KubernetesSource:
         version = (body.get("metadata") or {}).get("resourceVersion")
         if not version:
             raise ValueError("the pod list has no metadata.resourceVersion")
-        old = self._views
-        self._views = {}
+        views: dict[str, _View] = {}
         for obj in items:
-            self._update(obj, old)
+            self._update(obj, self._views, views)
+        self._views = views
         self.lists += 1
         self.resource_version = str(version)
         self._deliver(force=not self.synced)
@@ -429,7 +429,7 @@ class KubernetesSource:
         obj = event.get("raw_object") or {}
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED"):
-            self._update(obj, self._views)
+            self._update(obj, self._views, self._views)
             self._deliver()
         elif kind == "DELETED":
             self._views.pop(_key(obj), None)
@@ -444,7 +444,11 @@ class KubernetesSource:
 
     # ---------------------------------------------------------- the state
 
-    def _update(self, obj: Mapping[str, Any], before: Mapping[str, _View]) -> None:
+    def _update(
+        self, obj: Mapping[str, Any], before: Mapping[str, _View], into: dict[str, _View]
+    ) -> None:
+        """What pod ``obj`` means, into ``into``; ``before`` has what it
+        meant (a problem is reported only when it is new)."""
         key = _key(obj)
         try:
             view = _View(
@@ -458,7 +462,7 @@ class KubernetesSource:
             old = before.get(key)
             if old is None or old.problem != view.problem:
                 self._report(f"kubernetes discovery: {e}; not followed")
-        self._views[key] = view
+        into[key] = view
 
     def _deliver(self, force: bool = False) -> None:
         desired = {
@@ -468,13 +472,17 @@ class KubernetesSource:
         }
         if desired == self._delivered and not force:
             return
-        self._delivered = desired
         try:
             changes = self.reconciler.replace("kubernetes", list(desired.values()))
         except ValueError as e:
+            # Refused as a whole: offered again only once the set changes.
+            self._delivered = desired
             self._refused = True
             self._report(f"kubernetes discovery: the reconciler refused the pod set: {e}")
             return
+        # (Any other failure propagates with _delivered unchanged: the event
+        # is applied again after the back-off, and the set offered again.)
+        self._delivered = desired
         failed: Mapping[str, str] = getattr(changes, "failed", None) or {}
         self._refused = bool(failed)
         for name, why in failed.items():
