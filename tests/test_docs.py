@@ -14,7 +14,7 @@ from kvsync.cli import build_parser
 from .conftest import REPO
 
 DOCS = REPO / "docs"
-PAGES = ["protocol.md", "index.md", "streams.md", "api.md"]
+PAGES = ["protocol.md", "index.md", "streams.md", "api.md", "service.md"]
 
 
 def page(name: str) -> str:
@@ -76,3 +76,37 @@ def test_api_page_covers_the_public_names_and_every_cli_option() -> None:
             for flag in action.option_strings:
                 if flag.startswith("--") and flag not in ("--help", "--parent-pid"):
                     assert f"`{flag}" in text, f"kvsync {command} {flag} is not documented"
+
+
+def test_service_page_documents_every_endpoint_key_and_metric() -> None:
+    from kvsync.service.command import FLAGS, K8S_FLAGS
+    from kvsync.service.config import Settings
+    from kvsync.service.metrics import Metrics
+    from kvsync.service.openapi import document
+
+    text = page("service.md")
+    for path, ops in document()["paths"].items():
+        for method in ops:
+            assert f"`{method.upper()} {path}" in text or f"`{path}`" in text, (method, path)
+    for key in Settings.model_fields:
+        assert f"| `{key}` |" in text, f"config key {key} is not documented"
+    for flag, _, _ in FLAGS + K8S_FLAGS:
+        assert flag in page("api.md"), flag
+    families = {m.name for m in Metrics().registry.collect()}
+    spec = {
+        "kvsync_batches",
+        "kvsync_block_events",
+        "kvsync_gaps",
+        "kvsync_replays",
+        "kvsync_lost_batches",
+        "kvsync_resets",
+        "kvsync_malformed",
+        "kvsync_worker_state",
+        "kvsync_index_workers",
+        "kvsync_routes",
+        "kvsync_discovery_pods",
+        "kvsync_discovery_errors",
+        "kvsync_snapshot_age_seconds",
+    }
+    for name in families | spec:
+        assert f"`{name}" in text, f"metric {name} is not documented"

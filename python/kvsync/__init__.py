@@ -11,6 +11,8 @@ exception callers already catch (``DecodeError`` is a ``ValueError``,
 ``NoWorkersError`` a ``LookupError``, ...).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from kvsync._core import (
     AlreadyFollowedError,
     ApplyStats,
@@ -34,10 +36,14 @@ from kvsync.errors import NoEligibleWorkerError, NoWorkersError
 from kvsync.routing import Route, Router, Score
 from kvsync.transport import EventManager, Pod
 
+if TYPE_CHECKING:
+    from kvsync.client import Client, ServiceError
+
 __all__ = [
     "AlreadyFollowedError",
     "ApplyStats",
     "Batch",
+    "Client",
     "DecodeError",
     "Error",
     "Event",
@@ -52,6 +58,7 @@ __all__ = [
     "Route",
     "Router",
     "Score",
+    "ServiceError",
     "SnapshotError",
     "UnknownWorkerError",
     "WorkerBusyError",
@@ -60,3 +67,13 @@ __all__ = [
     "decode",
     "seq_hashes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The HTTP client (and httpx) is loaded on first use: `import kvsync`
+    # stays fast for users of the library alone.
+    if name in ("Client", "ServiceError"):
+        from kvsync import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'kvsync' has no attribute {name!r}")

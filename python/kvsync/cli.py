@@ -170,6 +170,16 @@ def build_parser(prog: str = "kvsync") -> argparse.ArgumentParser:
     )
     demo.build_parser(pd)
     pd.set_defaults(func=demo.run, parser=pd)
+    from kvsync.service import command as serve
+
+    pv = sub.add_parser(
+        "serve",
+        help="run kvsync as an HTTP service (routing, Mooncake indexer API, metrics)",
+        description=serve.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.build_parser(pv)
+    pv.set_defaults(func=serve.run, parser=pv)
     return parser
 
 

@@ -153,6 +153,9 @@ class EventManager:
         # {worker_id: (when to connect again from scratch, the wait after that)}.
         self._down: dict[str, tuple[float, float]] = {}
         self._next_watch = 0.0
+        # Called on the I/O thread with (worker, [(seq, payload), ...]) after each live
+        # read is applied (kvsync serve measures event lag here); must be quick.
+        self.on_live: Callable[[str, list[tuple[bytes, bytes]]], None] | None = None
 
     # ------------------------------------------------------------ public
 
@@ -342,7 +345,7 @@ class EventManager:
         return model
 
     def _stream_options(self, pod: Pod) -> dict[str, Any]:
-        opts: dict[str, Any] = {
+        return {
             "replay": pod.replay_port is not None,
             "replay_timeout": self.replay_timeout,
             "clean_secs": self.clean_secs,
@@ -352,7 +355,6 @@ class EventManager:
             "idle_probe": self.idle_probe,
             "replay_max": self.replay_max,
         }
-        return opts
 
     def _remove_pod(self, name: str) -> None:
         pod = self._pods.pop(name, None)
@@ -581,6 +583,8 @@ class EventManager:
                 batch.append((b"", b""))  # counted as malformed
         if batch:
             self._follow(w, self._streams.live_many(w.wid, batch, now))
+            if self.on_live is not None:  # after: its failure must not lose a replay
+                self.on_live(w.wid, batch)
 
     def _on_dealer(self, w: Worker, now: float) -> None:
         sock = w.dealer

@@ -183,58 +183,72 @@ impl Pool {
 
     /// `alive &= { slots holding the block in a tier of mask }`.
     pub fn intersect(&self, h: u32, mask: u8, alive: &mut [u64]) {
+        self.intersect_words(h, mask, alive, 0);
+    }
+
+    /// [`Pool::intersect`] on a window of the bitset: `alive[i]` is word
+    /// `first + i` (the words outside it are the caller's, known empty).
+    /// Costs the window's length plus the set's entries in it, whatever the
+    /// number of workers.
+    pub fn intersect_words(&self, h: u32, mask: u8, alive: &mut [u64], first: usize) {
+        let n = alive.len();
+        let word = |slot: u32| (slot / 64) as usize;
         if h == 0 {
             alive.fill(0);
             return;
         }
         if h & POOL_BIT == 0 {
             let (s, t) = unpack(h);
-            let (w, b) = ((s / 64) as usize, s % 64);
-            let keep = if t & mask != 0 && w < alive.len() { alive[w] & (1 << b) } else { 0 };
+            let keep = match word(s).checked_sub(first) {
+                Some(i) if i < n && t & mask != 0 => alive[i] & (1 << (s % 64)),
+                _ => 0,
+            };
             alive.fill(0);
             if keep != 0 {
-                alive[w] = keep;
+                alive[word(s) - first] = keep;
             }
             return;
         }
         match &self.sets[(h & !POOL_BIT) as usize] {
             Set::Sparse(v) => {
-                let mut out = [0u64; 64];
-                let n = alive.len();
-                if n <= out.len() {
-                    for e in v {
-                        let (s, t) = unpack(*e);
-                        let (w, b) = ((s / 64) as usize, s % 64);
-                        if t & mask != 0 && w < n {
-                            out[w] |= alive[w] & (1 << b);
-                        }
+                // Entries are sorted by slot: one merge pass over the window.
+                let start = v.partition_point(|e| word(e >> TIER_BITS) < first);
+                let (mut i, mut m) = (0, 0u64);
+                for &e in &v[start..] {
+                    let (s, t) = unpack(e);
+                    let at = word(s) - first;
+                    if at >= n {
+                        break;
                     }
-                    alive.copy_from_slice(&out[..n]);
-                } else {
-                    let mut out = vec![0u64; n];
-                    for e in v {
-                        let (s, t) = unpack(*e);
-                        let (w, b) = ((s / 64) as usize, s % 64);
-                        if t & mask != 0 && w < n {
-                            out[w] |= alive[w] & (1 << b);
-                        }
+                    while i < at {
+                        alive[i] &= m;
+                        m = 0;
+                        i += 1;
                     }
-                    alive.copy_from_slice(&out);
+                    if t & mask != 0 {
+                        m |= 1 << (s % 64);
+                    }
+                }
+                while i < n {
+                    alive[i] &= m;
+                    m = 0;
+                    i += 1;
                 }
             }
             Set::Dense { words, bits, .. } => {
                 let words = *words;
-                let n = alive.len().min(words);
                 let (gpu, rest) = bits.split_at(words);
                 let (cpu, storage) = rest.split_at(words);
                 // One pass per tier mask, without per-word tier tests.
                 let (g, c, st) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
-                for w in 0..n {
+                let inside = words.saturating_sub(first).min(n);
+                for (i, a) in alive[..inside].iter_mut().enumerate() {
+                    let w = first + i;
                     let m =
                         (if g { gpu[w] } else { 0 }) | (if c { cpu[w] } else { 0 }) | (if st { storage[w] } else { 0 });
-                    alive[w] &= m;
+                    *a &= m;
                 }
-                alive[n..].fill(0);
+                alive[inside..].fill(0);
             }
         }
     }
@@ -672,6 +686,14 @@ mod tests {
                         let want = model.get(&s).is_some_and(|t| t & mask != 0);
                         prop_assert_eq!(alive[(s / 64) as usize] >> (s % 64) & 1 == 1, want);
                     }
+                }
+                // a window of the bitset gives the same words as the whole
+                for (first, len) in [(1usize, 2usize), (2, 3), (4, 1), (0, 3)] {
+                    let mut whole = vec![u64::MAX; 5];
+                    pool.intersect(h, 7, &mut whole);
+                    let mut window = vec![u64::MAX; len];
+                    pool.intersect_words(h, 7, &mut window, first);
+                    prop_assert_eq!(&window[..], &whole[first..first + len]);
                 }
             }
         }

@@ -43,13 +43,20 @@ impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
     #[inline(never)]
     fn refill(&mut self) -> bool {
         let mut n = 0;
-        for (i, toks) in self.blocks.by_ref().take(AHEAD) {
-            let extras: &[Value<'_>] = match self.q.extra_keys.and_then(|e| e.get(i)) {
-                Some(Some(v)) => v,
-                _ => &[],
-            };
-            self.locals[n] = local_hash(toks, extras, self.seed);
-            n += 1;
+        if let Some(extra_keys) = self.q.extra_keys {
+            for (i, toks) in self.blocks.by_ref().take(AHEAD) {
+                let extras: &[Value<'_>] = match extra_keys.get(i) {
+                    Some(Some(v)) => v,
+                    _ => &[],
+                };
+                self.locals[n] = local_hash(toks, extras, self.seed);
+                n += 1;
+            }
+        } else {
+            for ((_, toks), local) in self.blocks.by_ref().take(AHEAD).zip(self.locals.iter_mut()) {
+                *local = local_hash(toks, &[], self.seed);
+                n += 1;
+            }
         }
         self.next = 0;
         self.filled = n;
@@ -159,6 +166,9 @@ impl Index {
         };
         alive.copy_from_slice(&model.members);
         out.reserve(model.workers as usize);
+        // The window of words that still has survivors: it only shrinks,
+        // so a walk costs what the prompt's holders span, not the fleet.
+        let (mut lo, mut hi) = (0, words);
         let mut i = 0u32;
         let mut last = None;
         for slot in walk {
@@ -170,21 +180,25 @@ impl Index {
                 continue;
             }
             last = Some(holders);
-            before.copy_from_slice(alive);
-            self.pool.intersect(holders, q.tiers, alive);
-            let mut any = 0;
-            for (w, (&b, &a)) in before.iter().zip(alive.iter()).enumerate() {
-                any |= a;
-                for s in slots_of(w, b & !a) {
+            before[lo..hi].copy_from_slice(&alive[lo..hi]);
+            self.pool.intersect_words(holders, q.tiers, &mut alive[lo..hi], lo);
+            for w in lo..hi {
+                for s in slots_of(w, before[w] & !alive[w]) {
                     depth[s] = i;
                 }
             }
             i += 1;
-            if any == 0 {
+            while lo < hi && alive[lo] == 0 {
+                lo += 1;
+            }
+            while hi > lo && alive[hi - 1] == 0 {
+                hi -= 1;
+            }
+            if lo == hi {
                 break;
             }
         }
-        for (w, &a) in alive.iter().enumerate() {
+        for (w, &a) in alive.iter().enumerate().take(hi).skip(lo) {
             for s in slots_of(w, a) {
                 depth[s] = i;
             }
@@ -298,7 +312,11 @@ impl Index {
     /// Prefix keys of a query's full blocks (for tools and tests): the
     /// standard `seq` hashes XOR the query's namespace constant.
     pub fn query_keys(&self, q: &Query<'_, '_>) -> Vec<u64> {
-        Keys::new(q, self.block_size(q.model), self.seed).collect()
+        let bs = self.block_size(q.model);
+        let mut out =
+            Vec::with_capacity(q.hashes.map_or_else(|| q.tokens.len() / bs.map_or(1, |b| b as usize), <[u64]>::len));
+        out.extend(Keys::new(q, bs, self.seed));
+        out
     }
 }
 
@@ -395,6 +413,42 @@ mod tests {
         let mut bent = hashes.clone();
         bent[1] ^= 1;
         assert_eq!(by(&Query::hashes("m", &bent)), m(&[("a", 1), ("b", 0)]));
+    }
+
+    #[test]
+    fn the_survivor_window_agrees_with_the_whole_fleet_walk() {
+        // 5,000 workers; holders spread over the slots so the window starts
+        // wide, shrinks as prefixes end, and ends on a few high slots.
+        let mut ix = Index::default();
+        let ids: Vec<String> = (0..5000).map(|w| format!("w{w}")).collect();
+        for id in &ids {
+            ix.add_worker(id, "m").unwrap();
+        }
+        let toks: Vec<u32> = (0..16).collect();
+        for (w, depth) in [(3, 1), (64, 2), (700, 8), (4000, 8), (4001, 5), (4999, 8), (2500, 3)] {
+            let hashes: Vec<u64> = (1..=depth).collect();
+            ix.apply(&ids[w], &B::default().store(&hashes, None, &toks[..depth as usize * 2], None).build(), None)
+                .unwrap();
+        }
+        // a sparse set with a CPU-only holder in the middle of the window
+        ix.apply(&ids[1234], &B::default().store(&[1, 2], None, &toks[..4], Some("CPU")).build(), None).unwrap();
+        for (n, tiers) in [(16, 7u8), (16, 1), (6, 7), (4, 2), (0, 7)] {
+            let q = Query { tiers, ..Query::new("m", &toks[..n]) };
+            let mut got = Vec::new();
+            ix.match_slots(&q, &mut got);
+            let mut full = Vec::new();
+            ix.match_tiers(&Query::new("m", &toks[..n]), &mut full);
+            let k = match tiers {
+                1 => 0,
+                2 => 1,
+                _ => 3,
+            };
+            let want: Vec<(u32, u32)> = full.iter().map(|&(s, d)| (s, d[k])).collect();
+            assert_eq!(got, want, "{n} tokens, tiers {tiers}");
+        }
+        assert_eq!(depth(&ix, &toks, "w4999"), 8);
+        assert_eq!(depth(&ix, &toks, "w4001"), 5);
+        assert_eq!(depth(&ix, &toks, "w1234"), 2);
     }
 
     #[test]

@@ -1,0 +1,113 @@
+"""The parts of a running ``kvsync serve`` that HTTP handlers, metrics and
+snapshots share: settings, the index and its event manager, discovery, the
+router, and what readiness remembers about each worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvsync._core import Index
+from kvsync.service.config import Settings
+from kvsync.transport import EventManager
+
+if TYPE_CHECKING:
+    from kvsync.discovery import Reconciler, StaticSource
+    from kvsync.routing import Router
+    from kvsync.service.metrics import Metrics
+    from kvsync.service.mooncake import Registry
+    from kvsync.service.snapshots import Snapshots
+
+# States that show a worker has caught up with its engine (SPEC 5, /readyz).
+CAUGHT_UP = ("live", "degraded")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    index: Index
+    manager: EventManager
+    reconciler: Reconciler
+    router: Router
+    registry: Registry
+    snapshots: Snapshots
+    metrics: Metrics
+    static: StaticSource | None = None
+    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    # Readiness: workers that reached live/degraded once, and when each
+    # worker was first seen (for ready_grace).
+    caught_up: set[str] = field(default_factory=set)
+    first_seen: dict[str, float] = field(default_factory=dict)
+
+    def states(self) -> dict[str, str]:
+        return {w: s.state for w, s in self.manager.status().items()}
+
+    def refresh(self) -> None:
+        """Remember which workers have caught up (called often, so that a
+        worker that was live for a moment counts)."""
+        now = self.clock()
+        current = self.manager.status()
+        for wid, st in current.items():
+            self.first_seen.setdefault(wid, now)
+            if st.state in CAUGHT_UP:
+                self.caught_up.add(wid)
+        for wid in list(self.first_seen):
+            if wid not in current:
+                self.first_seen.pop(wid, None)
+                self.caught_up.discard(wid)
+
+    def not_ready(self) -> list[str]:
+        """Why the service is not ready yet (empty when it is)."""
+        self.refresh()
+        reasons: list[str] = []
+        if not self.reconciler.synced:
+            reasons.append("discovery has not completed its first sync")
+        if self.static is not None and self.static.last_error is not None:
+            reasons.append(f"pods file: {self.static.last_error}")
+        now = self.clock()
+        grace = self.settings.ready_grace
+        for wid, since in sorted(self.first_seen.items()):
+            if wid in self.caught_up or now - since > grace:
+                continue
+            reasons.append(f"worker {wid!r} has not caught up with its engine yet")
+        return reasons
+
+    def uptime(self) -> float:
+        return self.clock() - self.started
+
+    def worker_rows(self) -> dict[str, dict[str, Any]]:
+        """The ``/v1/workers`` answer (SPEC 5)."""
+        infos = self.reconciler.workers()
+        status = self.manager.status()
+        rows: dict[str, dict[str, Any]] = {}
+        for wid in sorted(set(infos) | set(status)):
+            info = infos.get(wid)
+            st = status.get(wid)
+            try:
+                holdings = self.index.worker_stats(wid)["blocks"]
+            except KeyError:
+                holdings = 0
+            rows[wid] = {
+                "instance": info.instance if info else wid,
+                "model": info.model if info else self.index.workers().get(wid),
+                "host": info.host if info else None,
+                "ready": info.ready if info else False,
+                "state": st.state if st else "stopped",
+                "last_seq": st.last_seq if st else None,
+                "batches": st.batches if st else 0,
+                "events": st.events if st else 0,
+                "gaps": st.gaps if st else 0,
+                "replays": st.replays if st else 0,
+                "lost_batches": st.lost_batches if st else 0,
+                "resets": st.resets if st else 0,
+                "malformed": st.malformed if st else 0,
+                "idle_seconds": st.seconds_since_last_event if st else None,
+                "holdings": holdings,
+                "source": info.source if info else None,
+                "tenant": info.tenant if info else None,
+                "dp_rank": info.dp_rank if info else None,
+            }
+        return rows
