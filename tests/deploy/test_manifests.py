@@ -152,6 +152,9 @@ def test_the_deployment_serves_with_probes_the_token_and_no_root() -> None:
     config_map = one(objs, "ConfigMap", volumes["config"]["configMap"]["name"])
     assert config_path == f"{mounts['config']}/config.toml"
     assert "config.toml" in config_map["data"]
+    # Kubernetes would set KVSYNC_PORT=tcp://... for the kvsync Service:
+    # KVSYNC_* is the configuration.
+    assert pod["enableServiceLinks"] is False
     # Pods run as the service account the Role is bound to.
     assert pod["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
     assert (
