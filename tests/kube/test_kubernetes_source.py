@@ -460,6 +460,7 @@ def test_a_reconciler_failure_is_retried_until_the_set_is_delivered(
     apiserver: FakeApiServer, source_of: Any, caplog: Any
 ) -> None:
     caplog.set_level(logging.ERROR, logger="kvsync.discovery.kubernetes")
+
     class FailsOnce(Recorder):
         failed = False
 
