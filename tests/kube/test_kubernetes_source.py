@@ -477,3 +477,21 @@ def test_a_reconciler_failure_is_retried_until_the_set_is_delivered(
     assert recorder.failed and src.errors == 1
     assert any("busy" in r.getMessage() for r in caplog.records)
     wait_for("the error to clear", lambda: src.last_error is None)
+
+
+def test_wait_synced_returns_once_the_first_list_is_delivered(
+    apiserver: FakeApiServer, recorder: Recorder, kubeconfig: Path
+) -> None:
+    apiserver.put(pod("p"))
+    src = KubernetesSource(recorder, kubeconfig=kubeconfig, namespace="default", watch_timeout=2)
+    assert src.wait_synced(0) is False  # not started: nothing listed
+    apiserver.set_outage(True)
+    src.start()
+    try:
+        assert src.wait_synced(0.3) is False  # the API server cannot be reached
+        assert recorder.sets == []
+        apiserver.set_outage(False)
+        assert src.wait_synced(15)
+        assert "p" in recorder.current
+    finally:
+        src.stop()

@@ -270,6 +270,7 @@ class KubernetesSource:
         self.pods = 0
         self.lists = 0  # successful lists: 1 + the re-lists after 410 Gone
         self.synced = False
+        self._synced = threading.Event()
         self.resource_version: str | None = None
         self._views: dict[str, _View] = {}  # by namespace/name, every selected pod
         self._delivered: dict[str, Publisher] | None = None
@@ -288,6 +289,11 @@ class KubernetesSource:
             raise RuntimeError("KubernetesSource already started")
         self._thread = threading.Thread(target=self._run, name="kvsync-kubernetes", daemon=True)
         self._thread.start()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the first list to be delivered; True
+        once it is (e.g. before dropping snapshot workers nothing follows)."""
+        return self._synced.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop watching (the followed pods stay with the reconciler)."""
@@ -377,6 +383,7 @@ class KubernetesSource:
         self.resource_version = str(version)
         self._deliver(force=not self.synced)
         self.synced = True
+        self._synced.set()
         self._settle()
         log.info(
             "kubernetes discovery: listed %d selected pods in %s (resourceVersion %s)",
