@@ -1,12 +1,16 @@
 # kvsync developer targets. CI (.ci/run) uses the same ones.
 .DEFAULT_GOAL := help
 PYTHON ?= python
+IMAGE ?= kvsync:dev
+KIND ?= kind
+KIND_CLUSTER ?= kvsync-e2e
+E2E_KUBECONFIG ?= .kind-kubeconfig
 FUZZ_CASES ?= 2000000
 STREAM_CASES ?= 200000
 
 .PHONY: help
 help: ## list the targets (make TARGET; PYTHON=... picks the interpreter)
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 .PHONY: install
 install: ## build the extension (release) and install kvsync with its dependencies
@@ -65,3 +69,19 @@ coverage: ## line coverage: Rust core (cargo-tarpaulin) and Python (pytest-cov, 
 	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --out Stdout --engine ptrace
 	$(PYTHON) -m pytest --cov --cov-report=term-missing
 
+
+.PHONY: image
+image: ## build the container image (Dockerfile) as $(IMAGE)
+	docker build -t $(IMAGE) .
+
+.PHONY: e2e
+e2e: image ## with Docker and kind: create a cluster, load the image, run pytest -m e2e (deploys deploy/overlays/sim), delete the cluster
+	$(KIND) create cluster --name $(KIND_CLUSTER) --config deploy/kind-config.yaml \
+		--kubeconfig $(E2E_KUBECONFIG) --wait 120s
+	status=0; \
+	$(KIND) load docker-image $(IMAGE) --name $(KIND_CLUSTER) \
+		&& KUBECONFIG=$(E2E_KUBECONFIG) KVSYNC_E2E_IMAGE=$(IMAGE) $(PYTHON) -m pytest -m e2e tests/e2e \
+		|| status=$$?; \
+	$(KIND) delete cluster --name $(KIND_CLUSTER) --kubeconfig $(E2E_KUBECONFIG); \
+	rm -f $(E2E_KUBECONFIG); \
+	exit $$status

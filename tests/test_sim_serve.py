@@ -159,3 +159,16 @@ def test_a_fixed_port_puts_the_replay_ports_after_every_ranks_pub_port() -> None
             s2.close()
         return
     pytest.fail("no free run of 4 ports found in 5 tries")
+
+
+def test_a_simulator_that_cannot_bind_leaves_no_socket_open() -> None:
+    import gc
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=str(port)):
+            Simulator(build_parser().parse_args(["--port", str(port)]))
+    # An unclosed control socket would warn here (an error under -W error).
+    gc.collect()

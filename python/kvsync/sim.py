@@ -375,7 +375,14 @@ class Simulator:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control_port = self.control.bind_to_random_port(f"tcp://{args.host}")
-        self._bind_all()
+        try:
+            self._bind_all()
+        except BaseException:
+            # Nothing is returned to close: the control socket and the
+            # context would be left to the garbage collector (ResourceWarning).
+            self.control.close(linger=0)
+            self.ctx.term()
+            raise
 
     def _try_bind(self) -> bool:
         """Bind every rank; on failure close what was bound."""

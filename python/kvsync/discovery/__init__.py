@@ -6,12 +6,15 @@ differences into ``EventManager.add_pod`` / ``remove_pod`` calls and tells
 routing about every worker (``WorkerInfo``).
 """
 
+from kvsync.discovery.kubernetes import KubernetesConfigError, KubernetesSource
 from kvsync.discovery.reconciler import SOURCES, Changes, Publisher, Reconciler, Source, WorkerInfo
 from kvsync.discovery.static import StaticFileError, StaticSource
 
 __all__ = [
     "SOURCES",
     "Changes",
+    "KubernetesConfigError",
+    "KubernetesSource",
     "Publisher",
     "Reconciler",
     "Source",
