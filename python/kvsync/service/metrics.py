@@ -194,7 +194,7 @@ class _Collector(Collector):
             "kvsync_discovery_errors", "Discovery problems, by source.", labels=["source"]
         )
         errors.add_metric(["static"], s.static.errors if s.static is not None else 0)
-        errors.add_metric(["kubernetes"], 0)
+        errors.add_metric(["kubernetes"], s.kube.errors if s.kube is not None else 0)
         errors.add_metric(["register"], s.metrics.register_errors)
         yield errors
         age = s.snapshots.age()

@@ -32,6 +32,7 @@ __all__ = ["build_service", "serve"]
 log = logging.getLogger("kvsync.service")
 
 TICK = 0.5  # seconds between readiness/rate samples
+KUBE_SYNC_WAIT = 10.0  # seconds start-up waits for the first Kubernetes pod list
 
 
 def build_service(settings: Settings) -> Service:
@@ -64,10 +65,18 @@ def build_service(settings: Settings) -> Service:
     if settings.pods is not None:
         static = StaticSource(settings.pods, reconciler)
         reconciler.expect("static")
+    kube = None
     if settings.kubernetes is not None:
-        log.warning(
-            "[kubernetes] is configured but this build has no Kubernetes discovery yet; "
-            "use `pods` or /register"
+        from kvsync.discovery import KubernetesSource
+
+        k = settings.kubernetes
+        # Bad configuration raises KubernetesConfigError (a ValueError): exit 2.
+        kube = KubernetesSource(
+            reconciler,
+            namespace=k.namespace,
+            selector=k.selector,
+            model_labels=k.model_labels,
+            kubeconfig=k.kubeconfig,
         )
     service = Service(
         settings=settings,
@@ -79,6 +88,7 @@ def build_service(settings: Settings) -> Service:
         snapshots=snapshots,
         metrics=metrics,
         static=static,
+        kube=kube,
     )
     metrics.bind(service)
     return service
@@ -97,6 +107,13 @@ def _follow(service: Service) -> None:
     if service.static is not None:
         service.static.load_once()
         service.static.start()
+    if service.kube is not None:
+        service.kube.start()
+        # Pods loaded from a snapshot stay until the first list says which
+        # are still there (bounded: an API outage must not block start-up).
+        if not service.kube.wait_synced(KUBE_SYNC_WAIT):
+            log.warning("kubernetes: no pod list within %.0f s; going on", KUBE_SYNC_WAIT)
+            return  # drop nothing: an outage is not a deletion
     followed = set(service.reconciler.workers())
     for wid in service.index.workers():
         if wid not in followed:
@@ -154,6 +171,8 @@ async def serve(settings: Settings, on_listening: Callable[[str], None] | None =
             await runner.cleanup()  # stop accepting, finish requests in flight
         if service.static is not None:
             await asyncio.to_thread(service.static.stop)
+        if service.kube is not None:
+            await asyncio.to_thread(service.kube.stop, 2.0)
         await asyncio.to_thread(service.manager.stop, 5.0)
         if service.snapshots.path is not None:
             try:
@@ -169,8 +188,13 @@ def main(settings: Settings) -> int:
     def announce(url: str) -> None:
         print(f"kvsync serve: listening on {url}", file=sys.stderr, flush=True)
 
+    from kvsync.discovery.kubernetes import KubernetesConfigError
+
     try:
         asyncio.run(serve(settings, announce))
+    except KubernetesConfigError as e:
+        print(f"kvsync serve: [kubernetes]: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(
             f"kvsync serve: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr

@@ -14,7 +14,7 @@ from kvsync.service.config import Settings
 from kvsync.transport import EventManager
 
 if TYPE_CHECKING:
-    from kvsync.discovery import Reconciler, StaticSource
+    from kvsync.discovery import KubernetesSource, Reconciler, StaticSource
     from kvsync.routing import Router
     from kvsync.service.metrics import Metrics
     from kvsync.service.mooncake import Registry
@@ -35,6 +35,7 @@ class Service:
     snapshots: Snapshots
     metrics: Metrics
     static: StaticSource | None = None
+    kube: KubernetesSource | None = None
     started: float = field(default_factory=time.monotonic)
     clock: Callable[[], float] = time.monotonic
     # Readiness: workers that reached live/degraded once, and when each
@@ -67,6 +68,8 @@ class Service:
             reasons.append("discovery has not completed its first sync")
         if self.static is not None and self.static.last_error is not None:
             reasons.append(f"pods file: {self.static.last_error}")
+        if self.kube is not None and self.kube.last_error is not None:
+            reasons.append(f"kubernetes: {self.kube.last_error}")
         now = self.clock()
         grace = self.settings.ready_grace
         for wid, since in sorted(self.first_seen.items()):
