@@ -743,6 +743,19 @@ mod tests {
     }
 
     #[test]
+    fn entry_hashes_are_splitmix64_and_spread() {
+        // SplitMix64's published first outputs for seeds 0 and 1234567:
+        // equal sets are found by one probe only if different entries get
+        // unrelated hashes (a constant hash would still be correct, and slow).
+        assert_eq!(entry_hash(0), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(entry_hash(1_234_567), 6_457_827_717_110_365_317);
+        let mut seen: Vec<u64> = (0..1u32 << 16).map(entry_hash).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 1 << 16);
+    }
+
+    #[test]
     fn blocks_with_the_same_holders_share_one_set() {
         let mut pool = Pool::default();
         // a chain of 100 blocks each cached by the same 150 workers
