@@ -343,6 +343,8 @@ def test_all_namespaces_name_pods_namespace_slash_name(
     assert set(pubs) == {"team-a/engine", "team-b/engine"}
     assert pubs["team-b/engine"].instance == "team-b/engine"
     assert pubs["team-b/engine"].pod.host == "10.1.0.2"
+    # the watch starts after the list is delivered: wait for it, do not race it
+    wait_for("the all-namespaces watch", lambda: apiserver.watches())
     assert {r.path for r in apiserver.watches()} == {"/api/v1/pods"}
     apiserver.delete("engine", namespace="team-a", graceful=False)
     recorder.wait("team-a gone", lambda c: set(c) == {"team-b/engine"})

@@ -53,6 +53,21 @@ pub struct Pool {
     by_content: HashTable<u32>,
     free: Vec<u32>,
     heap_bytes: usize,
+    /// The last move of a handle to another set: a worker storing a chain
+    /// moves every block of a stretch from one set to the same next one,
+    /// and this skips the content lookup for all but the first.
+    memo: Option<Memo>,
+}
+
+/// `from` + (`slot`, `tiers`) = `to`, `slot` having had `old` in `from`.
+/// Valid while neither set is edited in place or freed (both clear it).
+#[derive(Clone, Copy, Debug)]
+struct Memo {
+    from: u32,
+    slot: u32,
+    tiers: u8,
+    to: u32,
+    old: u8,
 }
 
 /// Hash of one entry (`slot << 3 | tiers`) in a set's content hash.
@@ -263,6 +278,16 @@ impl Pool {
             }
             return 0;
         }
+        if let Some(m) = self.memo {
+            if m.from == *h && m.slot == slot && m.tiers == tiers {
+                self.refs[m.to as usize] += 1;
+                if *h & POOL_BIT != 0 {
+                    self.unref((*h & !POOL_BIT) as usize);
+                }
+                *h = POOL_BIT | m.to;
+                return m.old;
+            }
+        }
         if *h & POOL_BIT == 0 {
             let (s, t) = unpack(*h);
             if s == slot {
@@ -275,13 +300,15 @@ impl Pool {
             let mut v = vec![pack(s, t), pack(slot, tiers)];
             v.sort_unstable();
             let sum = entry_hash(v[0]) ^ entry_hash(v[1]);
-            *h = match self.find_equal(sum, &Set::Sparse(v.clone()), None) {
+            let to = match self.find_equal(sum, &Set::Sparse(v.clone()), None) {
                 Some(j) => {
                     self.refs[j as usize] += 1;
-                    POOL_BIT | j
+                    j
                 }
-                None => self.alloc(Set::Sparse(v), sum),
+                None => self.alloc(Set::Sparse(v), sum) & !POOL_BIT,
             };
+            self.memo = Some(Memo { from: *h, slot, tiers, to, old: 0 });
+            *h = POOL_BIT | to;
             return 0;
         }
         let idx = (*h & !POOL_BIT) as usize;
@@ -313,11 +340,15 @@ impl Pool {
         if let Some(j) = self.find_equal(sum, &self.sets[idx], Some((slot, tiers))) {
             self.refs[j as usize] += 1;
             self.unref(idx);
+            if self.refs[idx] > 0 {
+                self.memo = Some(Memo { from: *h, slot, tiers, to: j, old });
+            }
             *h = POOL_BIT | j;
             return old;
         }
         let target = if self.refs[idx] == 1 {
             // The only user: edit in place, filed under the new content.
+            self.memo = None;
             self.unfile(idx);
             idx
         } else {
@@ -331,6 +362,9 @@ impl Pool {
         self.heap_bytes = self.heap_bytes + self.sets[target].heap_bytes() - before;
         self.sums[target] = sum;
         self.file(target);
+        if target != idx {
+            self.memo = Some(Memo { from: *h, slot, tiers, to: target as u32, old });
+        }
         *h = POOL_BIT | target as u32;
         old
     }
@@ -357,6 +391,7 @@ impl Pool {
     fn unref(&mut self, idx: usize) {
         self.refs[idx] -= 1;
         if self.refs[idx] == 0 {
+            self.memo = None;
             self.unfile(idx);
             self.heap_bytes -= self.sets[idx].heap_bytes();
             self.sets[idx] = Set::Sparse(Vec::new());
