@@ -426,31 +426,36 @@ impl<'a> Decoder<'a> {
         };
         let first = self.batch.tokens.len();
         reserve(&mut self.batch.tokens, self.cur.room::<u32>(n, 1))?;
-        for _ in 0..n {
-            // Fast path for the encodings token ids actually use
-            // (fixint, uint8/16/32), without a branch on the width:
-            // read the 4 bytes after the marker and shift.
-            let buf = self.cur.buf;
+        // Fast path for the encodings token ids actually use (fixint,
+        // uint8/16/32), without a branch on the width: read the 4 bytes
+        // after the marker and shift. Locals, not `self`, in the loop so the
+        // position stays in a register.
+        let (buf, tokens) = (self.cur.buf, &mut self.batch.tokens);
+        let mut p = self.cur.pos;
+        let mut done = 0;
+        // (Within the reserved capacity only: growing is the slow path's,
+        // where running out of memory is a DecodeError, not an abort.)
+        while done < n && tokens.len() < tokens.capacity() {
+            let Some(w) = buf.get(p..p + 5) else { break };
+            let width = TOKEN_WIDTH[usize::from(w[0])];
+            if width == 0xff {
+                break;
+            }
+            let wide = u64::from(u32::from_be_bytes([w[1], w[2], w[3], w[4]]));
+            let v = (wide >> (32 - 8 * u32::from(width))) as u32;
+            tokens.push(if width == 0 { u32::from(w[0]) } else { v });
+            p += 1 + usize::from(width);
+            done += 1;
+        }
+        self.cur.pos = p;
+        // The rest (the payload's last bytes, other integer encodings, or
+        // an error naming the token), one checked read at a time.
+        for _ in done..n {
             let p = self.cur.pos;
-            let t = match buf.get(p..p + 5) {
-                Some(w) if TOKEN_WIDTH[usize::from(w[0])] != 0xff => {
-                    let width = u32::from(TOKEN_WIDTH[usize::from(w[0])]);
-                    let wide = u64::from(u32::from_be_bytes([w[1], w[2], w[3], w[4]]));
-                    let v = (wide >> (32 - 8 * width)) as u32;
-                    self.cur.pos = p + 1 + width as usize;
-                    if width == 0 {
-                        u32::from(w[0])
-                    } else {
-                        v
-                    }
-                }
-                _ => {
-                    let m = self.cur.marker()?;
-                    let v = self.cur.int_of(m)?.ok_or_else(|| expected("int token id", m, p))?;
-                    u32::try_from(v)
-                        .map_err(|_| DecodeError::new(format!("token id {v} is not in 0..2^32")).at_offset(p))?
-                }
-            };
+            let m = self.cur.marker()?;
+            let v = self.cur.int_of(m)?.ok_or_else(|| expected("int token id", m, p))?;
+            let t = u32::try_from(v)
+                .map_err(|_| DecodeError::new(format!("token id {v} is not in 0..2^32")).at_offset(p))?;
             push(&mut self.batch.tokens, t)?;
         }
         Ok(first..self.batch.tokens.len())
