@@ -24,7 +24,7 @@ from kvsync.service.config import Settings
 from kvsync.service.metrics import Metrics
 from kvsync.service.mooncake import Registry, register
 from kvsync.service.snapshots import Snapshots
-from kvsync.service.state import Service
+from kvsync.service.state import CachedStates, Service
 from kvsync.transport import EventManager
 
 __all__ = ["build_service", "serve"]
@@ -47,13 +47,10 @@ def build_service(settings: Settings) -> Service:
     manager.on_live = metrics.observe_live
     reconciler = Reconciler(manager)
 
-    def states() -> dict[str, str]:
-        return {w: s.state for w, s in manager.status().items()}
-
     router = Router(
         index,
         reconciler.workers,
-        states=states,
+        states=CachedStates(manager),
         policy=settings.policy,
         tier_weights=settings.tier_weights,
         load_weight=settings.load_weight,

@@ -22,6 +22,34 @@ if TYPE_CHECKING:
 
 # States that show a worker has caught up with its engine (SPEC 5, /readyz).
 CAUGHT_UP = ("live", "degraded")
+# How old the worker states a route sees may be. Reading them builds a
+# status object per worker (64 workers: ~0.1 ms, every route); states
+# change over heartbeats and reconnects (seconds), so 10 ms is nothing.
+STATES_TTL = 0.01
+
+
+class CachedStates:
+    """``{worker: state}`` of ``manager``, read again at most every ``ttl``
+    seconds (the router asks on every route)."""
+
+    def __init__(
+        self,
+        manager: EventManager,
+        ttl: float = STATES_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.manager = manager
+        self.ttl = ttl
+        self.clock = clock
+        self._at = -float("inf")
+        self._states: dict[str, str] = {}
+
+    def __call__(self) -> dict[str, str]:
+        now = self.clock()
+        if now - self._at >= self.ttl or now < self._at:
+            self._states = {w: s.state for w, s in self.manager.status().items()}
+            self._at = now
+        return self._states
 
 
 @dataclass
