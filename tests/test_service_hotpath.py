@@ -1,8 +1,9 @@
 """What ``/v1/route`` does per request in ``kvsync serve`` (the hot path
 that bench/serve_load.py measures): the answer is encoded straight from
 the router's ``Route`` (the same JSON as ``Route.to_dict()``, without its
-deep copy), and the workers' stream states are read at most once per
-``STATES_TTL`` however many routes ask. In-process, no engines: the pods
+deep copy), the workers' stream states are read at most once per
+``STATES_TTL`` however many routes ask, and the workers' infos are built
+again only when the followed publishers change. In-process, no engines: the pods
 file names a port nothing listens on, so the worker exists but never
 catches up."""
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from kvsync.routing import Route
 from kvsync.service.app import make_app
 from kvsync.service.config import load
+from kvsync.service.mooncake import tokens_by_instance
 from kvsync.service.server import build_service
 from kvsync.service.state import STATES_TTL, CachedStates, Service
 
@@ -127,3 +129,36 @@ def test_cached_states_refresh_after_the_ttl_and_when_the_clock_goes_back() -> N
     manager.state = "live"
     now[0] -= 1.0  # a clock that jumped back must not freeze the cache
     assert states() == {"w": "live"} and manager.calls == 3
+
+
+def test_worker_infos_are_rebuilt_only_when_the_publishers_change(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvsync.discovery.reconciler import Publisher
+
+    built = [0]
+    real = Publisher.workers
+
+    def workers(self: Publisher) -> Any:
+        built[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(Publisher, "workers", workers)
+    for _ in range(10):
+        service.router.route("m", list(range(32)))
+    # Each of the two publishers was turned into WorkerInfos once at most,
+    # not once per route.
+    assert built[0] <= 2, built[0]
+    # A change (a not-ready pod) is seen by the very next route and query.
+    pubs = service.reconciler.publishers()
+    service.reconciler.replace("static", [replace(pubs["a"], ready=False), pubs["b"]])
+    for _ in range(10):
+        assert service.router.route("m", list(range(32))).worker == "b"
+    assert service.workers_view is not None
+    assert [w for w, _ in service.workers_view.of_model("m")] == ["a", "b"]
+    assert service.workers_view.of_model("other") == []
+    service.reconciler.remove("static", "a")
+    assert [w for w, _ in service.workers_view.of_model("m")] == ["b"]
+    assert tokens_by_instance(service, "m", {}, 16, None, None) == {
+        "default": {"b": {"longest_matched": 0, "GPU": 0, "CPU": 0, "DISK": 0, "DP": {"0": 0}}}
+    }

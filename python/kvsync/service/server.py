@@ -24,7 +24,7 @@ from kvsync.service.config import Settings
 from kvsync.service.metrics import Metrics
 from kvsync.service.mooncake import Registry, register
 from kvsync.service.snapshots import Snapshots
-from kvsync.service.state import CachedStates, Service
+from kvsync.service.state import CachedStates, Service, WorkersView
 from kvsync.transport import EventManager
 
 __all__ = ["build_service", "serve"]
@@ -46,10 +46,11 @@ def build_service(settings: Settings) -> Service:
     metrics = Metrics()
     manager.on_live = metrics.observe_live
     reconciler = Reconciler(manager)
+    workers_view = WorkersView(reconciler)
 
     router = Router(
         index,
-        reconciler.workers,
+        workers_view,
         states=CachedStates(manager),
         policy=settings.policy,
         tier_weights=settings.tier_weights,
@@ -76,6 +77,7 @@ def build_service(settings: Settings) -> Service:
         snapshots=snapshots,
         metrics=metrics,
         static=static,
+        workers_view=workers_view,
     )
     metrics.bind(service)
     return service
