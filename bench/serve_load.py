@@ -150,12 +150,12 @@ def _stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> None:
 class Server:
     """``kvsync serve`` in a child process on a free port."""
 
-    def __init__(self, pods_file: Path, profile: str | None) -> None:
+    def __init__(self, pods_file: Path, profile: str | None, extra: list[str]) -> None:
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", profile]
         cmd += ["-m", "kvsync", "serve", "--port", "0", "--pods", str(pods_file)]
-        cmd += ["--log-level", "warning"]
+        cmd += ["--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO)
         self.log: list[str] = []
         deadline = time.monotonic() + 60
@@ -307,6 +307,7 @@ class Phase:
     errors: list[str] = field(default_factory=list)
     bad_answers: int = 0
     dropped: int = 0
+    timeouts: int = 0
     checked: int = 0
     matched_tokens: list[int] = field(default_factory=list)
     wall: float = 0.0
@@ -352,6 +353,9 @@ async def drive(
                 ) as r:
                     raw = await r.read()
                     status = r.status
+            except TimeoutError:
+                ph.timeouts += 1  # an overloaded server (or client), not a wrong answer
+                return
             except Exception as e:
                 ph.errors.append(repr(e))
                 return
@@ -415,7 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publisher = Publisher(args.engines, args.seed)
         pods = Path(tmp.name) / "pods.json"
         write_pods(pods, publisher.ports)
-        server = Server(pods, profile)
+        server = Server(pods, profile, args.server_args)
         result["url"] = server.url
         result["startup_to_live_s"] = round(wait_live(server, args.engines, 120) + 0, 2)
         result["engines_started_s"] = round(time.monotonic() - t0, 2)
@@ -455,6 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "achieved_per_s": round(len(ph.latencies) / ph.wall, 1),
                 "http_errors": len(ph.errors),
                 "first_errors": ph.errors[:3],
+                "client_timeouts": ph.timeouts,
                 "dropped_client_backlog": ph.dropped,
                 "answers_checked": ph.checked,
                 "bad_answers": ph.bad_answers,
@@ -533,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-every", type=int, default=10, help="check every n-th answer")
     ap.add_argument("--endpoints", nargs="+", default=["/v1/route", "/query"])
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--server-args",
+        nargs="*",
+        default=[],
+        help="more kvsync serve flags, e.g. --server-args=--speculative-ttl=0",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     return ap
 
