@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import random
 import signal
@@ -235,9 +236,11 @@ class Fleet:
             if parent is not None and os.getppid() != parent:
                 return
             now = time.monotonic()
-            timeout = 100.0
+            timeout = 100
             if self.batches_per_s > 0:
-                timeout = max(0.0, (next_batch - now) * 1000)
+                # Rounded up: rounding down would spin on poll(0) in the
+                # last millisecond before each batch.
+                timeout = max(0, math.ceil((next_batch - now) * 1000))
             for sock, _ in poller.poll(timeout):
                 if sock is self.control:
                     cmd = json.loads(self.control.recv())

@@ -295,6 +295,41 @@ def probe_main(url: str, control_port: int, engines: int, cfg: dict[str, Any], o
     out.close()
 
 
+class Probes:
+    """``probe_main`` in a child process (its own interpreter, so that the
+    load generator's event loop does not delay its polls)."""
+
+    def __init__(self, url: str, control_port: int, engines: int, cfg: dict[str, Any]) -> None:
+        ctx = mp.get_context("spawn")
+        self.seconds = float(cfg["seconds"])
+        self.recv_end, send_end = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(
+            target=probe_main, args=(url, control_port, engines, cfg, send_end), daemon=True
+        )
+        self.proc.start()
+        send_end.close()
+
+    def result(self, poll_interval: float) -> dict[str, Any]:
+        if self.recv_end.poll(self.seconds + 30):
+            probes = self.recv_end.recv()
+        else:
+            probes = {"latencies_s": [], "polls": [], "poll_gaps_s": [], "errors": ["no result"]}
+        self.proc.join(10)
+        gaps = probes["poll_gaps_s"]
+        return {
+            **pct(probes["latencies_s"]),
+            "poll_interval_s": poll_interval,
+            "measured_poll_gap_ms": round(float(np.mean(gaps)) * 1000, 3) if gaps else None,
+            "mean_polls": round(float(np.mean(probes["polls"])), 2) if probes["polls"] else None,
+            "errors": probes["errors"][:3],
+        }
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+
+
 # ------------------------------------------------------------ load
 
 
@@ -354,7 +389,10 @@ async def drive(
                     raw = await r.read()
                     status = r.status
             except TimeoutError:
-                ph.timeouts += 1  # an overloaded server (or client), not a wrong answer
+                # An overloaded server (or client), not a wrong answer; its
+                # latency is at least this, so it stays in the percentiles.
+                ph.timeouts += 1
+                ph.latencies.append(time.perf_counter() - due)
                 return
             except Exception as e:
                 ph.errors.append(repr(e))
@@ -413,7 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     publisher: Publisher | None = None
     server: Server | None = None
     tmp = tempfile.TemporaryDirectory(prefix="kvsync-serve-load-")
-    probe_proc: Any = None
+    probes: Probes | None = None
     try:
         t0 = time.monotonic()
         publisher = Publisher(args.engines, args.seed)
@@ -421,27 +459,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_pods(pods, publisher.ports)
         server = Server(pods, profile, args.server_args)
         result["url"] = server.url
-        result["startup_to_live_s"] = round(wait_live(server, args.engines, 120) + 0, 2)
+        result["startup_to_live_s"] = round(wait_live(server, args.engines, 120), 2)
         result["engines_started_s"] = round(time.monotonic() - t0, 2)
         publisher.request("run", events_per_s=args.events_per_s)
         time.sleep(1.0)  # let the churn reach its rate
+        # What following the engines costs the server with no HTTP load.
+        idle0, idle_w0 = cpu_seconds(server.proc.pid), time.monotonic()
+        time.sleep(3.0)
+        idle_cpu = (cpu_seconds(server.proc.pid) - idle0) / (time.monotonic() - idle_w0)
+        result["server_cpu_pct_ingest_only"] = round(idle_cpu * 100, 1)
         phases = [Phase(ep, args.rate, args.seconds) for ep in args.endpoints]
         total = args.seconds * len(phases)
-        ctx = mp.get_context("spawn")
-        recv_end, send_end = ctx.Pipe(duplex=False)
-        cfg = {
-            "seconds": total,
-            "every": total / args.probes,
-            "poll_interval": args.poll_interval,
-            "seed": args.seed,
-        }
-        probe_proc = ctx.Process(
-            target=probe_main,
-            args=(server.url, publisher.control_port, args.engines, cfg, send_end),
-            daemon=True,
-        )
-        probe_proc.start()
-        send_end.close()
+        cfg = {"poll_interval": args.poll_interval, "seed": args.seed}
+        if args.quiet_probes:
+            # Publish -> visible with the engines' churn but no HTTP load.
+            quiet = {**cfg, "seconds": args.quiet_probes / 20, "every": 0.05}
+            probes = Probes(server.url, publisher.control_port, args.engines, quiet)
+            result["publish_to_visible_no_http_load"] = probes.result(args.poll_interval)
+        cfg.update({"seconds": total, "every": total / args.probes, "seed": args.seed + 1})
+        probes = Probes(server.url, publisher.control_port, args.engines, cfg)
         for ph in phases:
             s0, w0 = publisher.request("stats"), time.monotonic()
             c0 = cpu_seconds(server.proc.pid), cpu_seconds(publisher.proc.pid)
@@ -453,10 +489,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c1 = cpu_seconds(server.proc.pid), cpu_seconds(publisher.proc.pid)
             ev1 = sum(r["events"] for r in server.get("/v1/workers").values())
             wall = w1 - w0
+            answered = len(ph.latencies) - ph.timeouts
             result[ph.endpoint] = {
                 **pct(ph.latencies),
                 "requested_per_s": ph.rate,
-                "achieved_per_s": round(len(ph.latencies) / ph.wall, 1),
+                "achieved_per_s": round(answered / ph.wall, 1),
                 "http_errors": len(ph.errors),
                 "first_errors": ph.errors[:3],
                 "client_timeouts": ph.timeouts,
@@ -471,22 +508,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "applied_block_events_per_s": round((ev1 - ev0) / wall),
                 "server_cpu_pct": round((c1[0] - c0[0]) / wall * 100, 1),
+                # Server CPU beyond the ingest-only baseline, per answer.
+                "server_cpu_ms_per_request": round(
+                    (c1[0] - c0[0] - idle_cpu * wall) / max(answered, 1) * 1000, 3
+                ),
                 "publisher_cpu_pct": round((c1[1] - c0[1]) / wall * 100, 1),
                 "loadavg_after": loadavg(),
             }
-        if recv_end.poll(total + 30):
-            probes = recv_end.recv()
-        else:
-            probes = {"latencies_s": [], "polls": [], "poll_gaps_s": [], "errors": ["no result"]}
-        probe_proc.join(10)
-        gaps = probes["poll_gaps_s"]
-        result["publish_to_visible"] = {
-            **pct(probes["latencies_s"]),
-            "poll_interval_s": args.poll_interval,
-            "measured_poll_gap_ms": round(float(np.mean(gaps)) * 1000, 3) if gaps else None,
-            "mean_polls": round(float(np.mean(probes["polls"])), 2) if probes["polls"] else None,
-            "errors": probes["errors"][:3],
-        }
+        result["publish_to_visible"] = probes.result(args.poll_interval)
         rows = server.get("/v1/workers")
         result["workers"] = {
             "count": len(rows),
@@ -498,9 +527,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         result["loadavg_end"] = loadavg()
     finally:
-        if probe_proc is not None and probe_proc.is_alive():
-            probe_proc.terminate()
-            probe_proc.join(5)
+        if probes is not None:
+            probes.stop()
         if server is not None:
             server.close()
         if publisher is not None:
@@ -534,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=2000, help="requests/s per endpoint")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--probes", type=int, default=200, help="publish -> visible samples")
+    ap.add_argument(
+        "--quiet-probes", type=int, default=100, help="probes before the load (0: none)"
+    )
     ap.add_argument("--poll-interval", type=float, default=0.0002, help="s between probe polls")
     ap.add_argument("--check-every", type=int, default=10, help="check every n-th answer")
     ap.add_argument("--endpoints", nargs="+", default=["/v1/route", "/query"])
