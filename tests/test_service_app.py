@@ -272,6 +272,7 @@ class _Workers:
 
 def test_tokens_by_instance_takes_the_max_over_ranks_and_lists_everyone() -> None:
     svc: Any = type("S", (), {})()
+    svc.workers_view = None  # read the reconciler directly
     svc.reconciler = _Workers(
         [
             _Info("a/dp0", "a", "default", 0),

@@ -177,9 +177,12 @@ def tokens_by_instance(
     tokens; every (selected) instance of ``model`` appears, 0 when nothing
     matches. An instance's tiers are the maximum over its ranks."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for wid, info in sorted(service.reconciler.workers().items()):
-        if info.model != model:
-            continue
+    view = service.workers_view
+    if view is not None:
+        rows = view.of_model(model)
+    else:
+        rows = sorted((w, i) for w, i in service.reconciler.workers().items() if i.model == model)
+    for wid, info in rows:
         if (tenant is not None and info.tenant != tenant) or (
             instance is not None and info.instance != instance
         ):

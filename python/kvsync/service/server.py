@@ -24,7 +24,7 @@ from kvsync.service.config import Settings
 from kvsync.service.metrics import Metrics
 from kvsync.service.mooncake import Registry, register
 from kvsync.service.snapshots import Snapshots
-from kvsync.service.state import Service
+from kvsync.service.state import CachedStates, Service, WorkersView
 from kvsync.transport import EventManager
 
 __all__ = ["build_service", "serve"]
@@ -47,14 +47,12 @@ def build_service(settings: Settings) -> Service:
     metrics = Metrics()
     manager.on_live = metrics.observe_live
     reconciler = Reconciler(manager)
-
-    def states() -> dict[str, str]:
-        return {w: s.state for w, s in manager.status().items()}
+    workers_view = WorkersView(reconciler)
 
     router = Router(
         index,
-        reconciler.workers,
-        states=states,
+        workers_view,
+        states=CachedStates(manager),
         policy=settings.policy,
         tier_weights=settings.tier_weights,
         load_weight=settings.load_weight,
@@ -89,6 +87,7 @@ def build_service(settings: Settings) -> Service:
         metrics=metrics,
         static=static,
         kube=kube,
+        workers_view=workers_view,
     )
     metrics.bind(service)
     return service
