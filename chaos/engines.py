@@ -11,18 +11,21 @@ simulator's own).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from chaos.netns import Link
 
+REPO = Path(__file__).resolve().parent.parent
 PUB_PORT = 5557
 REPLAY_PORT = 5558
 
@@ -32,8 +35,11 @@ class Engine:
     options. ``start``/``kill``/``restart`` manage the process; ``request``
     sends a control command with a deadline."""
 
-    def __init__(self, name: str, link: Link, *args: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, name: str, link: Link, *args: str, sndhwm: int | None = None, timeout: float = 10.0
+    ) -> None:
         self.name = name
+        self.sndhwm = sndhwm
         self.link = link
         self.args = args
         self.timeout = timeout
@@ -55,7 +61,12 @@ class Engine:
     def start(self, seed: int = 0) -> Engine:
         """Start the simulator (again, after ``kill``: a restarted engine,
         seq from 0, with ``seed``'s workload and engine hashes)."""
-        cmd = [sys.executable, "-m", "kvsync.sim", "--host", "0.0.0.0", "--port", str(PUB_PORT)]
+        module = (
+            ["kvsync.sim"]
+            if self.sndhwm is None
+            else ["chaos.simwrap", "--sndhwm", str(self.sndhwm)]
+        )
+        cmd = [sys.executable, "-m", *module, "--host", "0.0.0.0", "--port", str(PUB_PORT)]
         if self.replay:
             cmd += ["--replay-port", str(REPLAY_PORT)]
         cmd += ["--parent-pid", str(os.getpid()), "--seed", str(seed), *self.args]
@@ -64,12 +75,13 @@ class Engine:
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            cwd=REPO,
         )
         try:
+            assert self.proc.stdout is not None
             ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
             if not ready:
                 raise TimeoutError(f"engine {self.name} did not start within {self.timeout} s")
-            assert self.proc.stdout is not None
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"engine {self.name} exited with {self.proc.wait(5)}")
@@ -135,9 +147,7 @@ class Engine:
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
         self.ctx.term()

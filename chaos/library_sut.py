@@ -6,7 +6,10 @@ loopback, so that every scenario can run against the library alone.
 - ``POST /query`` ``{model, token_ids}``: the Mooncake shape
   ``{"default": {pod: {"longest_matched": tokens}}}`` for every worker of
   the model (tokens = matched blocks x block size);
-- ``GET /v1/workers``: ``{worker_id: {state, last_seq, holdings, ...}}``.
+- ``GET /v1/workers``: ``{worker_id: {state, last_seq, holdings, ...}}``;
+- ``POST /debug/stop-following``: stop the manager but keep the index, a
+  deliberately broken kvsync for the test that proves the oracle catches
+  a stale index.
 
 Configuration is one JSON argument: ``{"pods": [{name, model, host,
 pub_port, replay_port}], "manager": {EventManager keyword arguments},
@@ -58,6 +61,12 @@ def make_handler(
             _answer(self, 200, out)
 
         def do_POST(self) -> None:
+            if self.path == "/debug/stop-following":
+                # For the harness's own check that a stale index is caught:
+                # stop() keeps every holding, and nothing purges them again.
+                manager.stop()
+                _answer(self, 200, {"stopped": True})
+                return
             if self.path != "/query":
                 _answer(self, 404, {"error": f"no route {self.path}"})
                 return

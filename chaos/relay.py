@@ -19,6 +19,7 @@ when stdin closes, when its parent is gone, or after ``--max-seconds``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import itertools
 import json
@@ -127,10 +128,9 @@ def serve(
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
-    try:
+    # a full device queue is one more lost frame, as on a real link
+    with contextlib.suppress(OSError):
         sock.send(data)
-    except OSError:
-        pass  # a full device queue is one more lost frame, as on a real link
 
 
 def _command(line: str, state: dict[str, _LinkState]) -> dict[str, Any]:
@@ -225,10 +225,8 @@ class Relay:
 
     def close(self) -> None:
         if self.proc.stdin is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-            except OSError:
-                pass
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:

@@ -155,6 +155,7 @@ def build(
     rogues: int,
     manager: dict[str, Any],
     seed: int,
+    sndhwm: dict[int, int],
 ) -> Cluster:
     topo = Topology(engines + rogues).create()
     relay: Relay | None = None
@@ -168,7 +169,8 @@ def build(
         )
         for ln in topo.links[:engines]:
             args = ENGINE_ARGS + engine_args.get(ln.index, ())
-            started.append(Engine(f"e{ln.index}", ln, *args).start(seed=seed * 100 + ln.index))
+            e = Engine(f"e{ln.index}", ln, *args, sndhwm=sndhwm.get(ln.index))
+            started.append(e.start(seed=seed * 100 + ln.index))
         pods = [pod_json(e.name, e.host, e.replay) for e in started]
         for ln in topo.links[engines:]:
             rogue_procs.append(_start_rogue(ln.netns, seed))
@@ -177,7 +179,7 @@ def build(
         if sut_kind == "serve":
             sut = ServeSUT(pods, workdir)
         else:
-            sut = LibrarySUT(pods, BLOCK_SIZE, manager)
+            sut = LibrarySUT(pods, BLOCK_SIZE, manager, log=workdir / "library.stderr")
         sut.start()
     except BaseException:
         for e in started:
@@ -238,6 +240,7 @@ def run(
     engines: int = 2,
     engine_args: dict[int, tuple[str, ...]] | None = None,
     rogues: int = 0,
+    sndhwm: dict[int, int] | None = None,
     manager: dict[str, Any] | None = None,
     settle: float = 15.0,
     seed: int = 1,
@@ -246,7 +249,7 @@ def run(
     t0 = time.monotonic()
     mgr = {**LIBRARY_MANAGER, **(manager or {})}
     with tempfile.TemporaryDirectory(prefix="kvsync-chaos-") as tmp:
-        c = build(engines, sut_kind, Path(tmp), engine_args or {}, rogues, mgr, seed)
+        c = build(engines, sut_kind, Path(tmp), engine_args or {}, rogues, mgr, seed, sndhwm or {})
         try:
             for e in c.engines:
                 e.request("step", n=10)
@@ -289,5 +292,5 @@ def run(
 
 
 def _brief(w: dict[str, Any]) -> dict[str, Any]:
-    keys = ("state", "last_seq", "gaps", "replays", "lost_batches", "resets", "malformed")
-    return {k: w.get(k) for k in (*keys, "holdings")}
+    keys = ("state", "last_seq", "gaps", "dropped", "replays", "lost_batches", "resets")
+    return {k: w.get(k) for k in (*keys, "malformed", "holdings")}

@@ -35,6 +35,7 @@ class Scenario:
     engines: int = 2
     engine_args: dict[int, tuple[str, ...]] = field(default_factory=dict)
     rogues: int = 0
+    sndhwm: dict[int, int] = field(default_factory=dict)
     manager: dict[str, Any] = field(default_factory=dict)
     settle: float = 12.0
     lite: bool = False
@@ -49,6 +50,7 @@ class Scenario:
             engines=self.engines,
             engine_args=self.engine_args,
             rogues=self.rogues,
+            sndhwm=self.sndhwm,
             manager=self.manager,
             settle=self.settle,
             seed=seed,
@@ -140,8 +142,13 @@ def replay_unreachable(c: Cluster) -> None:
 
 def burst_past_hwm(c: Cluster) -> None:
     e0 = c.engine("e0")
+    # A stalled link (shorter than the heartbeat timeout, so the connection
+    # survives) backs the burst up into e0's PUB queue, which drops past its
+    # hwm of 100 as a real engine's does.
+    c.relay.set("e0", Faults(partition=True))
     for _ in range(6):
-        e0.request("step", n=500)  # 3000 batches, 60x the subscriber's hwm of 50
+        e0.request("step", n=500)  # 3000 batches, 30x the engine's send hwm
+    c.notes["relay_e0"] = c.relay.stats()["e0"]
     c.heal()
 
 
@@ -243,9 +250,10 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "burst-past-hwm",
-        "burst of 3000 batches from e0, 60x the subscriber's receive hwm (50)",
+        "burst of 3000 batches from e0 into a stalled link, 30x its send hwm (100)",
         burst_past_hwm,
-        manager={"rcvhwm": 50},
+        sndhwm={0: 100},
+        manager={"rcvhwm": 50, "heartbeat_timeout": 5.0},
     ),
     Scenario(
         "malformed-rogue",

@@ -13,6 +13,8 @@ each worker is (``GET /v1/workers``), and to signal its process.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -49,6 +51,9 @@ class _HttpSUT:
     name = "sut"
     proc: subprocess.Popen[str] | None = None
     port = 0
+
+    def start(self) -> _HttpSUT:
+        raise NotImplementedError
 
     def _http(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -112,10 +117,8 @@ class _HttpSUT:
                 self.proc.stdin.close()
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
 
@@ -139,8 +142,13 @@ class LibrarySUT(_HttpSUT):
     name = "library"
 
     def __init__(
-        self, pods: list[dict[str, Any]], block_size: int, manager: dict[str, Any]
+        self,
+        pods: list[dict[str, Any]],
+        block_size: int,
+        manager: dict[str, Any],
+        log: Path | None = None,
     ) -> None:
+        self.log = log
         self.pods = pods
         self.block_size = block_size
         self.manager = manager
@@ -151,13 +159,16 @@ class LibrarySUT(_HttpSUT):
             "manager": self.manager,
             "block_size": self.block_size,
         }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chaos.library_sut", json.dumps(cfg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
+        log = open(os.devnull if self.log is None else self.log, "a")  # noqa: SIM115
+        with log:  # the child has its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chaos.library_sut", json.dumps(cfg)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=REPO,
+            )
         try:
             line = _read_line(self.proc.stdout, 20.0, "the library SUT", self.proc)
             self.port = json.loads(line)["port"]
@@ -169,10 +180,8 @@ class LibrarySUT(_HttpSUT):
 
 def serve_available() -> str | None:
     """``None`` when ``kvsync serve`` exists in this checkout, else why not."""
-    try:
-        import kvsync.service  # noqa: F401
-    except ImportError as e:
-        return f"`kvsync serve` is not in this checkout yet (import kvsync.service: {e})"
+    if importlib.util.find_spec("kvsync.service") is None:
+        return "`kvsync serve` is not in this checkout yet (no module kvsync.service)"
     return None
 
 
@@ -189,10 +198,10 @@ class ServeSUT(_HttpSUT):
         self.workdir = workdir
         self.snapshot = workdir / "index.snapshot"
         self.config = workdir / "kvsync.toml"
-        pods = workdir / "pods.json"
-        pods.write_text(json.dumps({"pods": pods}))
+        pods_file = workdir / "pods.json"
+        pods_file.write_text(json.dumps({"pods": pods}))
         self.config.write_text(
-            f'host = "127.0.0.1"\nport = 0\npods = "{pods}"\n'
+            f'host = "127.0.0.1"\nport = 0\npods = "{pods_file}"\n'
             f'snapshot = "{self.snapshot}"\nsnapshot_interval = {snapshot_interval}\n'
             'log_level = "warning"\n'
         )
