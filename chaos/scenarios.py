@@ -163,14 +163,26 @@ def malformed(c: Cluster) -> None:
 
 
 def flood(c: Cluster) -> None:
-    """One engine publishes as fast as it can; the SUT's memory is sampled."""
+    """One engine publishes big batches as fast as it can while kvsync is
+    frozen for 3 s of it (so the flood piles up at kvsync's door, not in
+    its index); kvsync's resident memory is sampled throughout."""
     base = c.sut.rss_bytes()
     peak = base
-    c.engine("e0").request("run", rate=2000)
-    end = time.monotonic() + 6.0
-    while time.monotonic() < end:
-        time.sleep(0.25)
+    c.engine("e0").request("run", rate=5000)
+    start = time.monotonic()
+    stopped = False
+    while time.monotonic() - start < 7.0:
+        t = time.monotonic() - start
+        if 1.0 <= t < 4.0 and not stopped:
+            c.sut.signal(signal.SIGSTOP)
+            stopped = True
+        elif t >= 4.0 and stopped:
+            c.sut.signal(signal.SIGCONT)
+            stopped = False
+        time.sleep(0.2)
         peak = max(peak, c.sut.rss_bytes())
+    if stopped:
+        c.sut.signal(signal.SIGCONT)
     c.traffic(0)
     c.heal()
     c.notes["rss_start_mib"] = round(base / 2**20, 1)
@@ -190,6 +202,8 @@ def sut_sigstop(c: Cluster) -> None:
 
 def serve_kill_restart(c: Cluster) -> None:
     time.sleep(2.5)  # at least one periodic snapshot (interval 1 s)
+    snapshot = getattr(c.sut, "snapshot", None)
+    c.notes["snapshot_bytes"] = snapshot.stat().st_size if snapshot and snapshot.exists() else 0
     c.sut.kill()
     for e in c.engines:
         e.request("step", n=20)  # published while kvsync is down
@@ -269,22 +283,28 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "flood-library",
-        "e0 publishes at 2000 batches/s for 6 s (library SUT memory sampled)",
+        "e0 floods batches of 8 requests for 7 s, the library SUT frozen for 3 s of it "
+        "(memory sampled)",
         flood,
+        engine_args={0: ("--batch-requests", "8")},
         allowed=(EXACT, SAFE),
         settle=20.0,
     ),
     Scenario(
         "serve-kill-restart",
-        "kvsync serve SIGKILLed, engines publish while it is down, restart from snapshot",
+        "kvsync serve SIGKILLed, engines publish 20 batches while it is down, restart; "
+        "replay buffers of 25 cover the gap from the snapshot, not from seq 0",
         serve_kill_restart,
         sut="serve",
+        engine_args={0: ("--buffer", "25"), 1: ("--buffer", "25")},
         settle=30.0,
     ),
     Scenario(
         "flood-serve",
-        "e0 publishes at 2000 batches/s for 6 s (kvsync serve memory sampled)",
+        "e0 floods batches of 8 requests for 7 s, kvsync serve frozen for 3 s of it "
+        "(memory sampled)",
         flood,
+        engine_args={0: ("--batch-requests", "8")},
         allowed=(EXACT, SAFE),
         sut="serve",
         settle=30.0,
