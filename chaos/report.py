@@ -24,17 +24,21 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta.get('wall_seconds', '?')} s in all. Verdicts: `exact` (kvsync answers what "
         "the engines hold), `safe` (false negatives only: allowed where history was "
         "really lost), `FALSE POSITIVE` (kvsync claims a cache that is gone: never "
-        "allowed). Recovery is the time from the heal until kvsync was first exact.",
+        "allowed). Recovery is the time from the heal until kvsync was first exact "
+        "(`-`: never, as where history was lost); FP-free the time until no answer was a "
+        "false positive.",
         "",
-        "| scenario | SUT | fault | verdict | allowed | FP | FN | pairs | recovery s | total s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | SUT | fault | verdict | allowed | FP | FN | pairs | recovery s "
+        "| FP-free s | total s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         verdict = r["verdict"] if r["passed"] else f"**{r['verdict']}** (FAIL)"
         lines.append(
             f"| {r['scenario']} | {r['sut']} | {r['fault']} | {verdict} | "
             f"{', '.join(r['allowed'])} | {r['false_positives']} | {r['false_negatives']} | "
-            f"{r['pairs']} | {_cell(r['recovery_seconds'])} | {r['total_seconds']} |"
+            f"{r['pairs']} | {_cell(r['recovery_seconds'])} | "
+            f"{_cell(r.get('fp_free_seconds'))} | {r['total_seconds']} |"
         )
     notes = [r for r in results if r.get("notes") or r.get("examples")]
     if notes:

@@ -5,7 +5,9 @@ heal it, waits for quiescence and asks the oracle for the verdict.
 Quiescence: after the heal, the oracle compares kvsync with the truth
 every half second until it is exact (the recovery time is when it first
 was) or the scenario's ``settle`` bound passes; the verdict is the last,
-fuller comparison's. Every namespace, link and process is removed in a
+fuller comparison's. ``fp_free_seconds`` is when a comparison first found
+no false positive (a dead engine's holdings are claimed until
+``dead_after``). Every namespace, link and process is removed in a
 ``finally``, also when the scenario fails.
 """
 
@@ -130,6 +132,7 @@ class Result:
     false_negatives: int
     pairs: int
     recovery_seconds: float | None
+    fp_free_seconds: float | None
     fault_seconds: float
     settle_seconds: float
     total_seconds: float
@@ -259,10 +262,13 @@ def run(
             inject(c)
             healed = c.healed_at or time.monotonic()
             c.healed_at = healed
-            recovery = None
+            recovery = fp_free = None
             deadline = healed + settle
             while time.monotonic() < deadline:
-                if c.check(limit=120).verdict == EXACT:
+                chk = c.check(limit=120)
+                if fp_free is None and chk.false_positives == 0:
+                    fp_free = time.monotonic() - healed
+                if chk.verdict == EXACT:
                     recovery = time.monotonic() - healed
                     break
                 time.sleep(0.5)
@@ -280,6 +286,7 @@ def run(
                 false_negatives=final.false_negatives,
                 pairs=final.pairs,
                 recovery_seconds=None if recovery is None else round(recovery, 2),
+                fp_free_seconds=None if fp_free is None else round(fp_free, 2),
                 fault_seconds=round(healed - fault_start, 2),
                 settle_seconds=round(time.monotonic() - healed, 2),
                 total_seconds=round(time.monotonic() - t0, 2),

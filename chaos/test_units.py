@@ -170,6 +170,6 @@ def test_reports_carry_every_scenario_and_flag_failures(tmp_path: Path) -> None:
     assert data["meta"]["failed"] == ["bad-one"]
     assert data["meta"]["false_positive_scenarios"] == 1
     text = md.read_text()
-    assert "| ok-one | library | a fault | exact |" in text
+    assert "| ok-one | library | a fault | exact | exact | 0 | 0 | 10 | 1.5 | - | 5.0 |" in text
     assert "**FALSE POSITIVE** (FAIL)" in text
     assert "claims 2 blocks" in text
