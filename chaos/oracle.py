@@ -48,6 +48,9 @@ class Check:
     false_positives: int = 0
     false_negatives: int = 0
     examples: list[str] = field(default_factory=list)
+    # false negatives per worker: a `safe` verdict must name only workers
+    # whose history kvsync itself reports lost
+    fn_workers: dict[str, int] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -86,6 +89,7 @@ def classify(
                     )
             elif claimed < true:
                 check.false_negatives += 1
+                check.fn_workers[worker] = check.fn_workers.get(worker, 0) + 1
     return check
 
 

@@ -137,6 +137,7 @@ class Result:
     settle_seconds: float
     total_seconds: float
     examples: list[str]
+    fn_workers: dict[str, int]
     workers: dict[str, dict[str, Any]]
     notes: dict[str, Any]
 
@@ -291,6 +292,7 @@ def run(
                 settle_seconds=round(time.monotonic() - healed, 2),
                 total_seconds=round(time.monotonic() - t0, 2),
                 examples=final.examples,
+                fn_workers=final.fn_workers,
                 workers={w: _brief(v) for w, v in workers.items()},
                 notes=c.notes,
             )

@@ -236,6 +236,7 @@ SCENARIOS: list[Scenario] = [
         "delay-reorder",
         "100 ms ± 50 ms delay (reordering) on every data link, traffic 4 s",
         delay_reorder,
+        lite=True,
     ),
     Scenario("duplication", "30% frame duplication on every data link, traffic 4 s", duplicate),
     Scenario(
@@ -296,6 +297,7 @@ SCENARIOS: list[Scenario] = [
         "replay buffers of 25 cover the gap from the snapshot, not from seq 0",
         serve_kill_restart,
         sut="serve",
+        lite=True,
         engine_args={0: ("--buffer", "25"), 1: ("--buffer", "25")},
         settle=30.0,
     ),

@@ -14,6 +14,7 @@ each worker is (``GET /v1/workers``), and to signal its process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ from typing import Any
 from chaos.engines import PUB_PORT, REPLAY_PORT
 
 MODEL = "chaos-model"
+_PR_SET_PDEATHSIG = 1
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -185,6 +187,11 @@ def serve_available() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ServeSUT(_HttpSUT):
     """``kvsync serve`` in a child process: a TOML config in ``workdir``
     with a static pods file and a snapshot path (kept across ``kill`` and
@@ -215,6 +222,9 @@ class ServeSUT(_HttpSUT):
             stderr=subprocess.PIPE,
             text=True,
             cwd=self.workdir,
+            # kvsync serve does not watch its parent: the kernel kills it
+            # if the test process dies before its teardown
+            preexec_fn=_die_with_parent,
         )
         try:
             deadline = time.monotonic() + 30.0

@@ -117,7 +117,8 @@ def test_claim_beyond_the_truth_is_a_false_positive() -> None:
 
 def test_claim_short_of_the_truth_is_safe_and_equal_is_exact() -> None:
     truth = {"e0": held(A[:4], A[:8])}
-    assert classify([A], truth, answer_with({"e0": 1}), BS).verdict == SAFE
+    safe = classify([A], truth, answer_with({"e0": 1}), BS)
+    assert (safe.verdict, safe.fn_workers) == (SAFE, {"e0": 1})
     assert classify([A], truth, answer_with({"e0": 2}), BS).verdict == EXACT
 
 
