@@ -20,6 +20,7 @@ stdin closes (the test ended) or its parent is gone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -88,6 +89,12 @@ def make_handler(
 
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
+    # kvsync's log goes to stderr (the runner keeps it in the scenario's
+    # work directory); KVSYNC_CHAOS_LOG_LEVEL=DEBUG shows every replay
+    logging.basicConfig(
+        level=os.environ.get("KVSYNC_CHAOS_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     parent = os.getppid()
     index = kvsync.Index()
     manager = kvsync.EventManager(index, **cfg.get("manager", {}))

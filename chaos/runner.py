@@ -302,4 +302,5 @@ def run(
 
 def _brief(w: dict[str, Any]) -> dict[str, Any]:
     keys = ("state", "last_seq", "gaps", "dropped", "replays", "lost_batches", "resets")
-    return {k: w.get(k) for k in (*keys, "malformed", "holdings")}
+    more = ("malformed", "purges", "timeouts", "abandoned", "overflows", "holdings")
+    return {k: w.get(k) for k in (*keys, *more)}

@@ -39,6 +39,9 @@ class Scenario:
     manager: dict[str, Any] = field(default_factory=dict)
     settle: float = 12.0
     lite: bool = False
+    # A kvsync defect this scenario exposes (not a false positive): the test
+    # reports it as xfail when, and only when, the run shows it.
+    known_defect: str | None = None
 
     def run(self, seed: int = 1) -> Result:
         return run(
@@ -142,14 +145,15 @@ def replay_unreachable(c: Cluster) -> None:
 
 def burst_past_hwm(c: Cluster) -> None:
     e0 = c.engine("e0")
-    # A stalled link (shorter than the heartbeat timeout, so the connection
-    # survives) backs the burst up into e0's PUB queue, which drops past its
-    # hwm of 100 as a real engine's does.
+    # A stalled link (shorter than the heartbeat timeout and the idle probe,
+    # so neither fires) backs the burst up into e0's PUB queue, which drops
+    # everything past its hwm of 100, as a real engine's does.
     c.relay.set("e0", Faults(partition=True))
     for _ in range(6):
         e0.request("step", n=500)  # 3000 batches, 30x the engine's send hwm
-    c.notes["relay_e0"] = c.relay.stats()["e0"]
     c.heal()
+    e0.request("step", n=5)  # the next live batches reveal the gap
+    c.notes["engine_seq"] = e0.request("stats")["seq"][0]
 
 
 def malformed(c: Cluster) -> None:
@@ -265,10 +269,18 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "burst-past-hwm",
-        "burst of 3000 batches from e0 into a stalled link, 30x its send hwm (100)",
+        "burst of 3000 batches from e0 into a stalled link, 30x its send hwm (100): "
+        "most are dropped by the engine; 5 more after the heal show the gap",
         burst_past_hwm,
         sndhwm={0: 100},
-        manager={"rcvhwm": 50, "heartbeat_timeout": 5.0},
+        manager={"rcvhwm": 50, "heartbeat_timeout": 5.0, "idle_probe": 5.0},
+        known_defect=(
+            "a replay longer than the engine ROUTER's hwm (1000) arrives with holes (the "
+            "ROUTER drops while its queue is full, then sends on); kvsync's stream takes a "
+            "hole inside a replay for lost history (rust/core/src/stream/inputs.rs: 'A hole "
+            "inside the replay') and purges, although the engine's buffer still holds it; "
+            "asking again from the hole, as flush() does, would keep the index exact"
+        ),
     ),
     Scenario(
         "malformed-rogue",
