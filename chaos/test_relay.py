@@ -1,7 +1,8 @@
 """The harness's own network: an engine's data address is reached only
 through the relay, a partition there stops real TCP traffic (and only
 on the data link: the management link still answers), and duplication
-and loss act on real frames. Every namespace is gone afterwards."""
+and loss act on real frames. Every namespace is gone afterwards; the relay
+stops by itself; namespaces of a run that died are cleaned up."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from chaos.engines import PUB_PORT, Engine
 from chaos.faults import Faults
-from chaos.netns import NETNS_DIR, Topology
+from chaos.netns import NETNS_DIR, PREFIX, Topology, ip, remove_stale
 from chaos.relay import Relay
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(60)]
@@ -78,3 +79,35 @@ def test_relay_refuses_a_bad_command_and_keeps_serving(
     with pytest.raises(RuntimeError, match="probability"):
         relay.request({"link": "e0", "faults": {"loss": 2}})
     assert connects(engine.host, PUB_PORT, 5.0)
+
+
+def test_relay_stops_by_itself_at_its_deadline(namespaces: None) -> None:
+    topo = Topology(1).create()
+    try:
+        ln = topo.links[0]
+        relay = Relay(
+            topo.relay_ns, {"e0": (ln.relay_sut_dev, ln.relay_engine_dev)}, 1, max_seconds=1.0
+        )
+        try:
+            assert relay.proc.wait(10) == 0  # nobody closed its stdin
+        finally:
+            relay.close()
+    finally:
+        topo.close()
+
+
+def test_namespaces_of_a_dead_run_are_removed(namespaces: None) -> None:
+    dead = 2**22 + 1  # above the default pid_max: no such process
+    assert not os.path.exists(f"/proc/{dead}")
+    name = f"{PREFIX}-{dead}-abcdef-e0"
+    ip("netns", "add", name)
+    try:
+        mine = Topology(1).create()  # a live run's namespaces stay
+        try:
+            assert name in remove_stale()
+            assert name not in os.listdir(NETNS_DIR)
+            assert all(ns in os.listdir(NETNS_DIR) for ns in mine.namespaces)
+        finally:
+            mine.close()
+    finally:
+        ip("netns", "del", name, check=False)
