@@ -27,6 +27,7 @@ from chaos.netns import Link
 
 REPO = Path(__file__).resolve().parent.parent
 PUB_PORT = 5557
+START_TIMEOUT = 60.0
 REPLAY_PORT = 5558
 
 
@@ -79,9 +80,11 @@ class Engine:
         )
         try:
             assert self.proc.stdout is not None
-            ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+            # Starting a Python process is slow on a loaded machine: a
+            # generous bound of its own, not the per-request one.
+            ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
             if not ready:
-                raise TimeoutError(f"engine {self.name} did not start within {self.timeout} s")
+                raise TimeoutError(f"engine {self.name} did not start within {START_TIMEOUT} s")
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"engine {self.name} exited with {self.proc.wait(5)}")

@@ -188,16 +188,17 @@ class Relay:
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
         try:
-            self._reply()
+            self._reply(timeout=60.0)  # start-up: slow on a loaded machine
         except BaseException:
             self.close()
             raise
 
-    def _reply(self) -> dict[str, Any]:
+    def _reply(self, timeout: float | None = None) -> dict[str, Any]:
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        wait = self.timeout if timeout is None else timeout
+        ready, _, _ = select.select([self.proc.stdout], [], [], wait)
         if not ready:
-            raise TimeoutError(f"relay did not answer within {self.timeout} s")
+            raise TimeoutError(f"relay did not answer within {wait} s")
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"relay exited (status {self.proc.wait(5)})")

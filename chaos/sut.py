@@ -172,7 +172,7 @@ class LibrarySUT(_HttpSUT):
                 cwd=REPO,
             )
         try:
-            line = _read_line(self.proc.stdout, 20.0, "the library SUT", self.proc)
+            line = _read_line(self.proc.stdout, 60.0, "the library SUT", self.proc)
             self.port = json.loads(line)["port"]
         except BaseException:
             self.kill()
@@ -227,7 +227,7 @@ class ServeSUT(_HttpSUT):
             preexec_fn=_die_with_parent,
         )
         try:
-            deadline = time.monotonic() + 30.0
+            deadline = time.monotonic() + 60.0
             while True:
                 left = deadline - time.monotonic()
                 line = _read_line(self.proc.stderr, max(0.1, left), "kvsync serve", self.proc)
@@ -236,7 +236,7 @@ class ServeSUT(_HttpSUT):
                     self.port = int(m.group(1))
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError("kvsync serve did not announce its port within 30 s")
+                    raise TimeoutError("kvsync serve did not announce its port within 60 s")
         except BaseException:
             self.kill()
             raise
