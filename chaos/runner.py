@@ -37,7 +37,9 @@ LIBRARY_MANAGER: dict[str, Any] = {
     "heartbeat_timeout": 1.0,
     "dead_after": 3.0,
     "idle_probe": 1.0,
-    "replay_timeout": 1.0,
+    # kvsync's default: shorter turns ordinary TCP back-off under loss into
+    # abandoned replays
+    "replay_timeout": 2.0,
     "clean_secs": 3.0,
     "replay_max": 10.0,
 }
