@@ -54,6 +54,14 @@ fuzz: ## long proptest runs: decoder and index fuzz, stream model (FUZZ_CASES=..
 	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release -p kvsync-core --test fuzz
 	PROPTEST_CASES=$(STREAM_CASES) cargo test --release -p kvsync-core --test stream_model
 
+.PHONY: chaos
+chaos: ## every chaos scenario (root: network namespaces); writes chaos-report.json and .md
+	$(PYTHON) -m pytest chaos -m chaos -v
+
+.PHONY: chaos-lite
+chaos-lite: ## the bounded chaos subset CI runs (under 3 minutes); writes the same reports
+	KVSYNC_CHAOS_LITE=1 $(PYTHON) -m pytest chaos -m chaos -v
+
 .PHONY: ci
 ci: ## what CI runs
 	bash .ci/run
