@@ -34,8 +34,8 @@ lint-rust: ## rustfmt check and clippy with -D warnings
 
 .PHONY: lint-python
 lint-python: ## ruff, mypy over the package, stubtest of kvsync._core (needs the extension built)
-	ruff check python tests bench tools
-	ruff format --check python tests bench tools
+	ruff check python tests bench tools chaos
+	ruff format --check python tests bench tools chaos
 	mypy
 	$(PYTHON) -m mypy.stubtest kvsync._core --allowlist rust/py/stubtest-allowlist.txt
 
