@@ -229,6 +229,29 @@ def test_a_burst_of_one_prefix_lands_together_before_events_arrive(tmp_path: Pat
     assert all(s.matched_tokens == 0 for s in r.scores)
 
 
+def test_long_prompts_record_a_sample_of_positions_and_round_down() -> None:
+    """A route records the keys of the first 16 blocks, every 16th block and
+    the last (each key names its whole prefix): a later prompt sharing 35 of
+    40 blocks is credited with 32, never more than it shares."""
+    from kvsync.routing import _sampled
+
+    assert _sampled(0) == () and _sampled(3) == (0, 1, 2)
+    assert _sampled(40) == (*range(16), 31, 39)
+    assert _sampled(512)[-2:] == (495, 511) and len(_sampled(512)) == 16 + 31
+    f = Fleet("a", "b")
+    router = f.router(speculative_ttl=2.0)
+    long = [t + 1000 for t in range(40 * BS)]
+    first = router.route(MODEL, long, request_id="r0").worker
+    shares = [*long[: 35 * BS], *[9] * (5 * BS)]
+    got = scores(router.route(MODEL, shares, policy="prefix"))[first]
+    assert got[0] == 32 * BS
+    # the whole prompt again: all 40 (its last key is recorded)
+    assert scores(router.route(MODEL, long, policy="prefix"))[first][0] == 40 * BS
+    # sharing 10 blocks (inside the head): exact
+    ten = [*long[: 10 * BS], *[9] * (30 * BS)]
+    assert scores(router.route(MODEL, ten, policy="prefix"))[first][0] == 10 * BS
+
+
 def test_speculation_off_scatters_a_burst() -> None:
     f = Fleet("a", "b")
     router = f.router(speculative_ttl=0)

@@ -20,6 +20,7 @@ only: the index, its matches and its snapshots never see them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -303,7 +304,7 @@ class Router:
         self._inflight[request_id] = (worker, now + self.load_ttl)
         self._load[worker] += 1
         if self.speculative_ttl > 0 and keys:
-            held = tuple(keys)
+            held = tuple(keys[i] for i in _sampled(len(keys)))
             self._spec_log.append((now + self.speculative_ttl, model, worker, held))
             table = self._spec.setdefault(model, {})
             for k in held:
@@ -335,23 +336,37 @@ class Router:
             del self._load[worker]  # workers come and go: keep no zeros
 
     def _speculative(self, model: str, keys: list[int]) -> dict[str, int]:
-        """Leading blocks of the prompt each worker holds speculatively."""
+        """Leading blocks of the prompt each worker holds speculatively: the
+        longest recorded prefix of it among the worker's recent routes."""
         table = self._spec.get(model)
         held: dict[str, int] = {}
         if not table:
             return held
-        for i, k in enumerate(keys):
-            holders = table.get(k)
-            if not holders:
-                break
-            grew = False
-            for w in holders:
-                if held.get(w, 0) == i:
-                    held[w] = i + 1
-                    grew = True
-            if not grew:
-                break
+        for i in reversed(_sampled(len(keys))):
+            holders = table.get(keys[i])
+            if holders:
+                for w in holders:
+                    held.setdefault(w, i + 1)
         return held
+
+
+# Positions of a prompt's keys that speculative holdings record: each of the
+# first SPEC_HEAD blocks, every SPEC_STRIDE-th after, and the last. A key
+# names its whole prefix (it chains every block before it), so key i in a
+# worker's routes means the worker holds the first i + 1 blocks: a sample is
+# a sound lower bound that bounds the work of a route (47 keys for 512
+# blocks instead of 512), rounding a long shared prefix down to a recorded
+# position (for routing only; the index is exact).
+SPEC_HEAD = 16
+SPEC_STRIDE = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def _sampled(n: int) -> tuple[int, ...]:
+    positions = [*range(min(n, SPEC_HEAD)), *range(SPEC_HEAD + SPEC_STRIDE - 1, n, SPEC_STRIDE)]
+    if n and positions[-1] != n - 1:
+        positions.append(n - 1)
+    return tuple(positions)
 
 
 def _check_policy(policy: str) -> None:
