@@ -282,13 +282,8 @@ SCENARIOS: list[Scenario] = [
         burst_past_hwm,
         sndhwm={0: 100},
         manager={"rcvhwm": 50, "heartbeat_timeout": 5.0, "idle_probe": 5.0},
-        known_defect=(
-            "a replay longer than the engine ROUTER's hwm (1000) arrives with holes (the "
-            "ROUTER drops while its queue is full, then sends on); kvsync's stream takes a "
-            "hole inside a replay for lost history (rust/core/src/stream/inputs.rs: 'A hole "
-            "inside the replay') and purges, although the engine's buffer still holds it; "
-            "asking again from the hole, as flush() does, would keep the index exact"
-        ),
+        # A gap replay longer than the engine ROUTER's hwm (1000) arrives with
+        # holes; kvsync asks again from each hole (it used to purge: found here).
     ),
     Scenario(
         "malformed-rogue",

@@ -199,7 +199,7 @@ fn sink_failures_other_than_decoding_reach_the_caller() {
 }
 
 #[test]
-fn replay_replies_below_progress_are_duplicates_and_holes_lose_history() {
+fn replay_replies_below_progress_are_duplicates_and_a_hole_twice_loses_history() {
     let mut s = Stream::new(cfg(true), None, 0);
     let mut sink = Rec::default();
     assert_eq!(s.start(&mut sink, 0.0), Ok(Todo { replay_from: Some(0) }));
@@ -209,12 +209,38 @@ fn replay_replies_below_progress_are_duplicates_and_holes_lose_history() {
     s.replayed(&mut sink, 1, &msg(1, 1), 0.0).unwrap();
     assert_eq!(s.counters().duplicates, 1);
     assert_eq!(sink.applied, vec![msg(1, 0), msg(1, 1)]);
-    // Seqs 2 and 3 are missing from the replay: lost, the worker purged.
-    s.replayed(&mut sink, 4, &msg(1, 4), 0.0).unwrap();
+    // Seqs 2 and 3 are missing from the replay (the engine's replay socket
+    // dropped them past its high-water mark): asked again from 2, nothing lost.
+    assert_eq!(s.replayed(&mut sink, 4, &msg(1, 4), 0.0), Ok(Todo { replay_from: Some(1) }));
+    assert_eq!((s.counters().lost, sink.purges, s.last_seq()), (0, 0, Some(1)));
+    // The new replay (a probe of 1, then on) has the same hole: now it is lost.
+    s.replayed(&mut sink, 1, &msg(1, 1), 0.1).unwrap();
+    s.replayed(&mut sink, 4, &msg(1, 4), 0.1).unwrap();
     assert_eq!((s.counters().lost, sink.purges, s.last_seq()), (2, 1, Some(4)));
     assert_eq!(s.replay_end(&mut sink, 0.5), Ok(Todo::default()));
     assert_eq!(s.state(), State::Degraded);
     assert_eq!(sink.applied.last(), Some(&msg(1, 4)));
+}
+
+#[test]
+fn a_hole_in_a_long_replay_is_asked_again_and_filled() {
+    let mut s = Stream::new(cfg(true), None, 0);
+    let mut sink = Rec::default();
+    s.start(&mut sink, 0.0).unwrap();
+    for seq in 0..3 {
+        s.replayed(&mut sink, seq, &msg(1, seq), 0.0).unwrap();
+    }
+    // 3..5 dropped by the engine's replay socket; 6 arrives.
+    assert_eq!(s.replayed(&mut sink, 6, &msg(1, 6), 0.0), Ok(Todo { replay_from: Some(2) }));
+    // The re-asked replay starts with a probe of 2, then brings everything.
+    for seq in 2..8 {
+        s.replayed(&mut sink, seq, &msg(1, seq), 0.1).unwrap();
+    }
+    assert_eq!(s.replay_end(&mut sink, 0.2), Ok(Todo::default()));
+    let c = s.counters();
+    assert_eq!((c.lost, c.purges, c.gaps), (0, 0, 1));
+    assert_eq!(sink.applied, (0..8).map(|q| msg(1, q)).collect::<Vec<_>>());
+    assert_eq!(s.state(), State::Live);
 }
 
 #[test]

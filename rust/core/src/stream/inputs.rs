@@ -148,7 +148,16 @@ impl Stream {
                 return Ok(Todo::NONE);
             }
             Some(l) if seq > l + 1 => {
-                // A hole inside the replay: history is lost.
+                // A hole inside the replay. An engine's replay socket drops
+                // what passes its high-water mark, so a long replay arrives
+                // with holes while the engine still has the batches: ask
+                // again from the hole, once (this message comes again).
+                if self.reasked != Some(l + 1) {
+                    self.counters.gaps += 1;
+                    self.reasked = Some(l + 1);
+                    return Ok(self.ask_from(l + 1, now));
+                }
+                // Asked again and the hole is still there: history is lost.
                 self.lose_until(sink, l + 1, seq, payload, now)?;
                 self.remember_replayed(seq);
             }
