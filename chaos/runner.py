@@ -27,7 +27,7 @@ from chaos.engines import Engine
 from chaos.netns import Topology
 from chaos.oracle import EXACT, Check, Held, Oracle, classify
 from chaos.relay import Relay
-from chaos.sut import MODEL, LibrarySUT, ServeSUT, _HttpSUT, pod_json
+from chaos.sut import MODEL, KubeServeSUT, LibrarySUT, ServeSUT, _HttpSUT, pod_json
 
 BLOCK_SIZE = 4
 # Short liveness timings so a scenario takes seconds: a silent publisher
@@ -184,6 +184,8 @@ def build(
         sut: _HttpSUT
         if sut_kind == "serve":
             sut = ServeSUT(pods, workdir)
+        elif sut_kind == "serve-kube":
+            sut = KubeServeSUT(pods, workdir)
         else:
             sut = LibrarySUT(pods, BLOCK_SIZE, manager, log=workdir / "library.stderr")
         sut.start()

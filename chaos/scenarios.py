@@ -215,6 +215,31 @@ def serve_kill_restart(c: Cluster) -> None:
     c.heal()
 
 
+def kube_watch_drops(c: Cluster) -> None:
+    """The API server drops kvsync's pod watch again and again during
+    traffic (the source must resume from its resourceVersion, lose no pod
+    and never take a drop for a deletion)."""
+    api = c.sut.apiserver  # type: ignore[attr-defined]
+    c.traffic(20)
+    for _ in range(6):
+        time.sleep(0.5)
+        api.drop_watches()
+    c.traffic(0)
+    c.notes["watch_requests"] = len(api.watches())
+
+
+def kube_api_outage(c: Cluster) -> None:
+    """The API server is unreachable for 4 s during traffic: the known pods
+    stay followed (an outage is not a deletion), then the watch resumes."""
+    api = c.sut.apiserver  # type: ignore[attr-defined]
+    c.traffic(20)
+    time.sleep(0.5)
+    with api.outage():
+        time.sleep(4.0)
+    time.sleep(0.5)
+    c.traffic(0)
+
+
 SCENARIOS: list[Scenario] = [
     Scenario(
         "partition-short",
@@ -314,6 +339,22 @@ SCENARIOS: list[Scenario] = [
         sut="serve",
         lite=True,
         engine_args={0: ("--buffer", "25"), 1: ("--buffer", "25")},
+        settle=30.0,
+    ),
+    Scenario(
+        "kube-watch-drop",
+        "kvsync serve discovers the engines as pods of a fake API server that drops "
+        "its watch six times during traffic",
+        kube_watch_drops,
+        sut="serve-kube",
+        settle=30.0,
+    ),
+    Scenario(
+        "kube-api-outage",
+        "kvsync serve discovers the engines as pods; the API server is unreachable "
+        "for 4 s during traffic",
+        kube_api_outage,
+        sut="serve-kube",
         settle=30.0,
     ),
     Scenario(

@@ -262,3 +262,49 @@ class ServeSUT(_HttpSUT):
             if e.code == 404:  # no worker serves the model (yet)
                 return {}
             raise
+
+
+class KubeServeSUT(ServeSUT):
+    """``kvsync serve`` finding the engines through its Kubernetes source:
+    each engine is a Running, Ready pod on the protocol-level fake API
+    server of ``tests/kube`` (list/watch, bookmarks, 410, outages), which
+    lives as long as this adapter so that scenarios can drop its watches or
+    take it down."""
+
+    name = "serve-kube"
+
+    def __init__(self, pods: list[dict[str, Any]], workdir: Path) -> None:
+        from tests.kube.fake_apiserver import FakeApiServer
+
+        super().__init__([], workdir)
+        self.apiserver = FakeApiServer().start()
+        for p in pods:
+            self.apiserver.put(self.pod_object(p))
+        kubeconfig = self.apiserver.kubeconfig(workdir / "kubeconfig")
+        self.config.write_text(
+            f'host = "127.0.0.1"\nport = 0\nsnapshot = "{self.snapshot}"\n'
+            'snapshot_interval = 1.0\nlog_level = "warning"\n'
+            f'[kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "default"\n'
+        )
+
+    @staticmethod
+    def pod_object(p: dict[str, Any]) -> dict[str, Any]:
+        """The engine's static entry as a labelled, annotated pod."""
+        from tests.kube.fake_apiserver import pod
+
+        replay = p.get("replay_port")
+        return pod(
+            p["name"],
+            ip=p["host"],
+            labels={"kvsync.io/kv-events": "true", "kvsync.io/model": p["model"]},
+            annotations={
+                "kvsync.io/kv-events-port": str(p["pub_port"]),
+                "kvsync.io/kv-replay-port": "none" if replay is None else str(replay),
+            },
+        )
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.apiserver.close()

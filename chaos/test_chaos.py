@@ -46,7 +46,7 @@ def _known_defect(report: list[dict[str, Any]], scenario: Scenario) -> None:
 
 @pytest.mark.parametrize("scenario", _selected())
 def test_scenario(scenario: Scenario, namespaces: None, chaos_report: list[dict[str, Any]]) -> None:
-    if scenario.sut == "serve":
+    if scenario.sut in ("serve", "serve-kube"):
         why = serve_available()
         if why is not None:
             pytest.skip(why)
