@@ -57,7 +57,20 @@ mutants: ## mutation testing of the stream, holders and index modules (cargo-mut
 		-e 'rust/core/src/**/tests.rs' -e rust/core/src/index/testutil.rs
 
 .PHONY: coverage
-coverage: ## line coverage: Rust core (cargo-tarpaulin) and Python (pytest-cov, subprocesses included)
-	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --out Stdout --engine ptrace
-	$(PYTHON) -m pytest --cov --cov-report=term-missing
+coverage: ## line coverage, HTML + summary in coverage/: Rust core (cargo-tarpaulin), Python (pytest-cov); COV_FAIL_UNDER=90 enforces a floor
+	mkdir -p coverage/rust
+	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --engine ptrace \
+		--out Html --out Json --output-dir coverage/rust $(if $(COV_FAIL_UNDER),--fail-under $(COV_FAIL_UNDER))
+	$(PYTHON) -m pytest --cov --cov-report=term --cov-report=html:coverage/python \
+		--cov-report=json:coverage/python.json $(if $(COV_FAIL_UNDER),--cov-fail-under=$(COV_FAIL_UNDER))
+	$(PYTHON) tools/coverage_summary.py coverage $(if $(COV_FAIL_UNDER),--fail-under $(COV_FAIL_UNDER)) \
+		> coverage/summary.md; status=$$?; cat coverage/summary.md; exit $$status
 
+.PHONY: wheel
+wheel: ## one abi3 manylinux wheel of this machine's architecture into dist/ (maturin --zig; needs the dev extra's ziglang)
+	$(PYTHON) -m maturin build --release --zig --compatibility manylinux2014 -o dist
+
+.PHONY: nightly
+nightly: ## the nightly benchmark run (quick), compared with bench/baseline_metrics.json
+	$(PYTHON) -m bench.nightly --quick --out nightly-out
+	$(PYTHON) -m bench.compare bench/baseline_metrics.json nightly-out/results.json
