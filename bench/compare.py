@@ -10,7 +10,9 @@ for a lower-is-better metric, ``baseline / value`` for a higher-is-better
 one, so a 2x slowdown is 2.0 either way and a tolerance of 0.3 allows up to
 1.3. A metric of the baseline that the run does not have (skipped, or not
 measured on this branch) is reported as missing and does not fail the run:
-the nightly job cannot hold a run to a measurement it could not make.
+the nightly job cannot hold a run to a measurement it could not make. A
+metric the baseline marks ``"guard": false`` is shown with its factor but
+never fails.
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .results import Baseline, BaselineMetric, FormatError, Metric, Results
-from .results import load_baseline, load_results
+from .results import (
+    Baseline,
+    BaselineMetric,
+    FormatError,
+    Metric,
+    Results,
+    load_baseline,
+    load_results,
+)
 
 __all__ = ["Row", "compare", "main", "worse_factor"]
 
@@ -29,7 +38,7 @@ __all__ = ["Row", "compare", "main", "worse_factor"]
 @dataclass(frozen=True)
 class Row:
     name: str
-    status: str  # ok, better, REGRESSION, missing, new, direction?
+    status: str  # ok, better, REGRESSION, unguarded, missing, new, direction?
     baseline: float | None
     value: float | None
     factor: float | None  # how much worse than the baseline (1.0 = same)
@@ -67,13 +76,17 @@ def _row(name: str, b: BaselineMetric, m: Metric) -> Row:
             f"baseline says {b.better} is better, the run says {m.better}: not compared",
         )
     factor = worse_factor(m.value, b.value, b.better)
-    if factor > 1.0 + b.tolerance:
+    if not b.guard:
+        status = "unguarded"
+    elif factor > 1.0 + b.tolerance:
         status = "REGRESSION"
     elif factor < 1.0 / (1.0 + b.tolerance):
         status = "better"
     else:
         status = "ok"
     note = f"{len(m.runs)} runs" if m.runs else ""
+    if not b.guard:
+        note += "; not guarded (too noisy here: see the baseline's comment)"
     return Row(name, status, b.value, m.value, factor, b.tolerance, b.unit or m.unit, note)
 
 

@@ -45,6 +45,7 @@ PEERS_MANIFEST = REPO / "bench" / "peers" / "Cargo.toml"
 METRICS: dict[str, tuple[str, str]] = {
     "event_processing_latency_p99_us": ("us", "lower"),
     "routing_decision_latency_p99_us": ("us", "lower"),
+    "routing_decision_server_cpu_us": ("us", "lower"),
     "throughput_block_events_per_s": ("block events/s", "higher"),
     "vs_plain_ingest_speedup": ("x", "higher"),
     "memory_bytes_per_1k_events": ("B", "lower"),

@@ -1,5 +1,8 @@
 """``kvsync serve`` measurements of the nightly run: ``/v1/route`` latency
-over HTTP (8192-token prompt) and the router's restart from its snapshot.
+over HTTP (8192-token prompt), the service's CPU per ``/v1/route`` (from
+/proc: what a request costs the server, which the neighbours on a shared
+machine do not change the way they change latency) and the router's
+restart from its snapshot.
 
 Two simulators (``kvsync sim``) are the fleet, named in a static pods
 file; the service runs in a child process on a free port (read from its
@@ -29,6 +32,8 @@ import httpx
 import numpy as np
 
 from kvsync.sim import SimProcess
+
+from .engines import cpu_seconds
 
 __all__ = ["serve_metrics"]
 
@@ -109,6 +114,7 @@ def _fleet(tmp: Path) -> Iterator[Path]:
 
 def serve_metrics(repeats: int, requests: int, restarts: int) -> dict[str, list[float]]:
     route_p99: list[float] = []
+    route_cpu: list[float] = []
     restart_s: list[float] = []
     rng = random.Random(11)
     with tempfile.TemporaryDirectory(prefix="kvsync-nightly-") as d:
@@ -124,6 +130,7 @@ def serve_metrics(repeats: int, requests: int, restarts: int) -> dict[str, list[
                 headers = {"Content-Type": "application/json"}
                 for run in range(repeats + 1):  # run 0 warms the connection up
                     lat = np.empty(requests if run else 50)
+                    cpu0 = cpu_seconds(server.proc.pid)
                     for i in range(len(lat)):
                         t0 = time.perf_counter()
                         r = http.post(
@@ -134,6 +141,8 @@ def serve_metrics(repeats: int, requests: int, restarts: int) -> dict[str, list[
                             raise RuntimeError(f"/v1/route answered {r.status_code}: {r.text}")
                     if run:
                         route_p99.append(float(np.percentile(lat * 1e6, 99)))
+                        cpu = cpu_seconds(server.proc.pid) - cpu0
+                        route_cpu.append(cpu / len(lat) * 1e6)
                 for k in range(restarts):
                     r = http.post(f"{server.url}/v1/snapshot")
                     if r.status_code != 200:
@@ -143,4 +152,8 @@ def serve_metrics(repeats: int, requests: int, restarts: int) -> dict[str, list[
                     restart_s.append(server.ready_after(http))
             finally:
                 server.kill()
-    return {"routing_decision_latency_p99_us": route_p99, "recovery_router_restart_s": restart_s}
+    return {
+        "routing_decision_latency_p99_us": route_p99,
+        "routing_decision_server_cpu_us": route_cpu,
+        "recovery_router_restart_s": restart_s,
+    }

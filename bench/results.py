@@ -13,10 +13,14 @@ results.json::
 baseline_metrics.json::
 
     {"comment": str, "metrics": {NAME: {"value": float, "tolerance": float,
-     "better": "lower" | "higher", "unit": str, "comment": str}}}
+     "better": "lower" | "higher", "unit": str, "comment": str,
+     "guard": bool}}}
 
 ``tolerance`` is relative: 0.25 lets a lower-is-better metric grow to 1.25x
-its baseline value before it counts as a regression.
+its baseline value before it counts as a regression. ``"guard": false``
+(default true) keeps a metric in the table without failing on it: for the
+measurements whose run-to-run spread on the reference machine is beyond
+what a 2x regression could be told from.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class BaselineMetric:
     better: str
     unit: str = ""
     comment: str = ""
+    guard: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,12 @@ def _better(v: Any, where: str) -> str:
     if v not in DIRECTIONS:
         raise FormatError(f"{where}: 'better' must be 'lower' or 'higher', got {v!r}")
     return str(v)
+
+
+def _guard(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise FormatError(f"{where}: 'guard' must be true or false, got {v!r}")
+    return v
 
 
 def _metrics_object(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -163,5 +174,6 @@ def load_baseline(path: Path | str) -> Baseline:
             better=_better(m.get("better"), at),
             unit=str(m.get("unit", "")),
             comment=str(m.get("comment", "")),
+            guard=_guard(m.get("guard", True), at),
         )
     return Baseline(path=path, metrics=metrics, comment=str(data.get("comment", "")))

@@ -77,7 +77,14 @@ def test_recorded_runs_exist() -> None:
         load_results(path)
 
 
-@pytest.mark.parametrize("name", sorted(load_baseline(BASELINE).metrics))
+GUARDED = sorted(n for n, m in load_baseline(BASELINE).metrics.items() if m.guard)
+
+
+def test_most_metrics_are_guarded() -> None:
+    assert len(GUARDED) >= 8, GUARDED
+
+
+@pytest.mark.parametrize("name", GUARDED)
 def test_a_planted_2x_regression_of_any_metric_fails(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,6 +130,15 @@ def load_baseline_doc(doc: dict[str, Any]) -> Any:
 def test_every_guarded_tolerance_catches_2x() -> None:
     for name, m in load_baseline(BASELINE).metrics.items():
         assert m.tolerance <= CAP < 1.0, name
+
+
+def test_an_unguarded_metric_is_shown_but_never_fails(tmp_path: Path, capsys: Any) -> None:
+    base = _baseline({"m": (100.0, 0.3, "lower")})
+    base["metrics"]["m"]["guard"] = False
+    code, out = _run(tmp_path, base, _results({"m": (1000.0, "lower")}), capsys)
+    assert code == 0
+    row = next(ln for ln in out.splitlines() if ln.startswith("m "))
+    assert "unguarded" in row and "10.00x" in row
 
 
 # ---------------------------------------------------------- direction
@@ -211,6 +227,11 @@ def test_a_new_metric_without_baseline_is_listed(tmp_path: Path, capsys: Any) ->
             ">= 0",
         ),
         ("baseline", '{"metrics": {"m": 5}}', "is not an object"),
+        (
+            "baseline",
+            '{"metrics": {"m": {"value": 1, "tolerance": 1, "better": "lower", "guard": 1}}}',
+            "'guard'",
+        ),
     ],
 )
 def test_malformed_files_give_a_clear_error(
