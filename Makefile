@@ -1,6 +1,7 @@
 # kvsync developer targets. CI (.ci/run) uses the same ones.
 .DEFAULT_GOAL := help
 PYTHON ?= python
+MATURIN ?= maturin
 FUZZ_CASES ?= 2000000
 STREAM_CASES ?= 200000
 
@@ -67,8 +68,11 @@ coverage: ## line coverage, HTML + summary in coverage/: Rust core (cargo-tarpau
 		> coverage/summary.md; status=$$?; cat coverage/summary.md; exit $$status
 
 .PHONY: wheel
-wheel: ## one abi3 manylinux wheel of this machine's architecture into dist/ (maturin --zig; needs the dev extra's ziglang)
-	$(PYTHON) -m maturin build --release --zig --compatibility manylinux2014 -o dist
+wheel: ## one manylinux2014 wheel for $(PYTHON) into dist/ (maturin --zig; zig from the dev extra's ziglang)
+	@command -v zig >/dev/null || { mkdir -p build/zig && printf '#!/bin/sh\nexec "%s" -m ziglang "$$@"\n' \
+		"$$(command -v $(PYTHON))" > build/zig/zig && chmod +x build/zig/zig; }
+	PATH="$(CURDIR)/build/zig:$$PATH" $(MATURIN) build --release --zig --compatibility manylinux2014 \
+		-i $(PYTHON) -o dist
 
 .PHONY: nightly
 nightly: ## the nightly benchmark run (quick), compared with bench/baseline_metrics.json

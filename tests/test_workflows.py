@@ -105,11 +105,17 @@ def test_weekly_runs_full_chaos_and_e2e() -> None:
     assert "make chaos\n" in runs + "\n" and "make e2e" in runs
 
 
-def test_release_builds_abi3_wheels_for_both_arches_and_an_sdist() -> None:
+def test_release_builds_wheels_for_both_arches_and_an_sdist() -> None:
     wf = _load("release")
     assert sorted(wf["jobs"]["wheels"]["strategy"]["matrix"]["target"]) == ["aarch64", "x86_64"]
     assert any(u.startswith("PyO3/maturin-action@") for u in _uses(wf))
     sdist = wf["jobs"]["sdist"]["steps"]
     assert any(s.get("with", {}).get("command") == "sdist" for s in sdist)
-    # abi3 comes from the maturin config, so every build of the project gets it
-    assert "pyo3/abi3-py310" in (REPO / "pyproject.toml").read_text()
+    wheel_args = next(
+        s["with"]["args"]
+        for s in wf["jobs"]["wheels"]["steps"]
+        if "maturin-action" in s.get("uses", "")
+    )
+    # not abi3 (pyo3::buffer needs Python >= 3.11 under abi3): one wheel per interpreter
+    abi3 = "abi3" in (REPO / "pyproject.toml").read_text()
+    assert abi3 or "--find-interpreter" in wheel_args
