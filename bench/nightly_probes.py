@@ -193,7 +193,7 @@ def publish_to_visible(s: Sizes) -> Runs:
         _xpub,
     )
 
-    ctx: zmq.Context[object] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     socks = [_xpub(ctx) for _ in range(BG_STREAMS + 1)]
     probe_sock, probe_port = socks.pop()
     index = kvsync.Index()
@@ -253,12 +253,16 @@ def engine_restart(s: Sizes) -> Runs:
         m.start()
         for _ in range(s.restarts):
             sim.request("step", n=300)
-            want = seqs([sim])[0]
-            wait_for(lambda w=want: at_seq(m.status()["e"], w), 10, "caught up before restart")
+            before = seqs([sim])[0]
+
+            def caught_up(w: int = before) -> bool:
+                return at_seq(m.status()["e"], w)
+
+            wait_for(caught_up, 10, "caught up before restart")
             resets = m.status()["e"].resets
             t0 = time.monotonic()
             sim.request("restart")
-            want = sim.request("step", n=20)["seq"][0]
+            want = int(sim.request("step", n=20)["seq"][0])
 
             def consistent(r: int = resets, w: int = want) -> bool:
                 st = m.status()["e"]
