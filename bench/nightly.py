@@ -53,8 +53,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "memory_bytes_per_holding_unshared": ("B", "lower"),
     "match_p50_us": ("us", "lower"),
     "match_p99_us": ("us", "lower"),
+    "match_p99_wall_us": ("us", "lower"),
     "recovery_engine_restart_s": ("s", "lower"),
     "recovery_router_restart_s": ("s", "lower"),
+    "recovery_router_restart_cpu_s": ("s", "lower"),
     "subscriber_cpu_us_per_block_event": ("us", "lower"),
 }
 SERVE_LOAD_METRICS = ("event_processing_latency_p99_us", "routing_decision_latency_p99_us")
@@ -248,7 +250,11 @@ def run(
                 ),
                 lambda: probes.ingest(sizes),
             ),
-            ("match", ("match_p50_us", "match_p99_us"), lambda: probes.match_latency(sizes)),
+            (
+                "match",
+                ("match_p50_us", "match_p99_us", "match_p99_wall_us"),
+                lambda: probes.match_latency(sizes),
+            ),
             (
                 "memory",
                 ("memory_bytes_per_holding_shared", "memory_bytes_per_holding_unshared"),
@@ -271,7 +277,12 @@ def run(
             ),
             (
                 "serve",
-                ("routing_decision_latency_p99_us", "recovery_router_restart_s"),
+                (
+                    "routing_decision_latency_p99_us",
+                    "routing_decision_server_cpu_us",
+                    "recovery_router_restart_s",
+                    "recovery_router_restart_cpu_s",
+                ),
                 lambda: _serve(sizes),
             ),
             ("peers", ("vs_peers_*",), lambda: peers(sizes, tmp, peers_budget_s)),

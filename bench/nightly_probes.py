@@ -124,27 +124,39 @@ def ingest(s: Sizes) -> Runs:
 
 def match_latency(s: Sizes) -> Runs:
     """The 10M-holding fleet of test_match.py; the hot 512-block prompt as
-    ``array('I')``, ``match_calls`` single calls per run, GC on."""
+    ``array('I')``, ``match_calls`` single calls per run, GC on.
+
+    ``match_p50_us``/``match_p99_us`` time each call in the calling
+    thread's CPU time: per-call wall time measured the scheduler on the
+    shared machine (p99 1.6-4.7 ms at load 15 for a 17-29 us call, a
+    preemption in about 1% of calls). The thread clock's own cost (a
+    system call, about 0.3-0.5 us) is included. ``match_p99_wall_us`` keeps
+    the wall-clock p99, which is what a caller waits."""
     ix = kvsync.Index()
     for wid in worker_ids(256):
         ix.add_worker(wid, MODEL)
     wl = build_holdings(ix.apply)
     q = array("I", wl.prompt(wl.chains["hot"][0]).tobytes())
     assert sum(1 for d in ix.match(MODEL, q).values() if d == 512) == 150
-    match, clock = ix.match, time.perf_counter_ns
+    match, cpu, wall = ix.match, time.thread_time_ns, time.perf_counter_ns
     p50: list[float] = []
     p99: list[float] = []
+    p99_wall: list[float] = []
     for _ in range(200):
         match(MODEL, q)
     for _ in range(s.repeats):
         lat = np.empty(s.match_calls, np.int64)
+        lat_wall = np.empty(s.match_calls, np.int64)
         for i in range(s.match_calls):
-            t0 = clock()
+            w0 = wall()
+            t0 = cpu()
             match(MODEL, q)
-            lat[i] = clock() - t0
+            lat[i] = cpu() - t0
+            lat_wall[i] = wall() - w0
         p50.append(float(np.percentile(lat, 50)) / 1000)
         p99.append(float(np.percentile(lat, 99)) / 1000)
-    return {"match_p50_us": p50, "match_p99_us": p99}
+        p99_wall.append(float(np.percentile(lat_wall, 99)) / 1000)
+    return {"match_p50_us": p50, "match_p99_us": p99, "match_p99_wall_us": p99_wall}
 
 
 # ------------------------------------------------------------------ memory

@@ -73,12 +73,13 @@ class _Serve:
             time.sleep(0.01)
         raise TimeoutError(f"kvsync serve did not listen within {START_TIMEOUT_S} s")
 
-    def ready_after(self, http: httpx.Client) -> float:
-        """Seconds from this process's start until /readyz said 200."""
+    def ready_after(self, http: httpx.Client) -> tuple[float, float]:
+        """Seconds from this process's start until /readyz said 200: wall
+        time, and the process's own CPU time."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if http.get(f"{self.url}/readyz").status_code == 200:
-                return time.monotonic() - self.started
+                return time.monotonic() - self.started, cpu_seconds(self.proc.pid)
             time.sleep(0.005)
         raise TimeoutError(f"kvsync serve not ready within {READY_TIMEOUT_S} s")
 
@@ -116,6 +117,7 @@ def serve_metrics(repeats: int, requests: int, restarts: int) -> dict[str, list[
     route_p99: list[float] = []
     route_cpu: list[float] = []
     restart_s: list[float] = []
+    restart_cpu_s: list[float] = []
     rng = random.Random(11)
     with tempfile.TemporaryDirectory(prefix="kvsync-nightly-") as d:
         tmp = Path(d)
@@ -149,11 +151,14 @@ def serve_metrics(repeats: int, requests: int, restarts: int) -> dict[str, list[
                         raise RuntimeError(f"POST /v1/snapshot answered {r.status_code}: {r.text}")
                     server.kill()
                     server = _Serve(tmp / f"serve-{k + 1}.log", *args)
-                    restart_s.append(server.ready_after(http))
+                    took, cpu = server.ready_after(http)
+                    restart_s.append(took)
+                    restart_cpu_s.append(cpu)
             finally:
                 server.kill()
     return {
         "routing_decision_latency_p99_us": route_p99,
         "routing_decision_server_cpu_us": route_cpu,
         "recovery_router_restart_s": restart_s,
+        "recovery_router_restart_cpu_s": restart_cpu_s,
     }
