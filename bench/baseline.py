@@ -31,8 +31,10 @@ __all__ = ["CAP", "FLOOR", "FLOOR_EXACT", "MARGIN", "derive"]
 MARGIN = 1.5
 # A few recorded runs understate the spread of a timing: earlier runs of the
 # same build on this machine were up to 1.38x off where five in a row gave
-# 1.07x. Exact figures (memory, every run the same) get the small floor.
-FLOOR = 0.4
+# 1.07x, and match p50 is bimodal under load (17-18 or 26-27 us): derived
+# from four runs, the fifth was 1.56x off. 0.6 still fails a 2x regression.
+# Exact figures (memory, every run the same) get the small floor.
+FLOOR = 0.6
 FLOOR_EXACT = 0.05
 CAP = 0.9
 
@@ -87,7 +89,7 @@ def derive(runs: Sequence[Results]) -> tuple[dict[str, Any], list[str]]:
             f"at the start of each run: {'; '.join(loads)}). value: median of the runs; "
             f"tolerance: {MARGIN} x the largest factor any run was off the median, "
             f"at least {FLOOR} ({FLOOR_EXACT} where every run gave the same figure), at most "
-            f"{CAP}, else not guarded. Relative: 0.4 fails a metric 1.4x worse."
+            f"{CAP}, else not guarded. Relative: 0.6 fails a metric more than 1.6x worse."
         ),
         "metrics": metrics,
     }

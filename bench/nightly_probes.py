@@ -59,7 +59,7 @@ class Sizes:
 
     @staticmethod
     def quick() -> Sizes:
-        return Sizes(repeats=5, probes=1_000)
+        return Sizes(repeats=5, probes=1_000, restarts=5)
 
     @staticmethod
     def full() -> Sizes:
