@@ -60,8 +60,12 @@ def test_the_wheel_installs_runs_the_demo_and_passes_the_unit_layer(tmp_path: Pa
     py = str(env_dir / "bin" / "python")
     # the wheel and what it and the unit layer need (from the index when the
     # system site-packages lack it): its declared dependencies are checked too
-    inst = _run([py, "-m", "pip", "install", "--no-input", f"{wheel}[test]"], 600)
-    assert inst.returncode == 0, inst.stdout + inst.stderr
+    # (the wheel alone first: a kvsync in the system site-packages would
+    # otherwise "already satisfy" it)
+    pip = [py, "-m", "pip", "install", "--no-input"]
+    for args in (["--no-deps", "--force-reinstall", str(wheel)], [f"{wheel}[test]"]):
+        inst = _run([*pip, *args], 600)
+        assert inst.returncode == 0, inst.stdout + inst.stderr
     where = _run(
         [py, "-c", "import kvsync, kvsync._core as c; print(kvsync.__file__); print(c.__file__)"],
         60,
