@@ -10,9 +10,9 @@ this branch, cargo too slow to build it within the budget) is listed under
 ``skipped`` with the reason; one that fails (an exception, lost batches) is
 listed there too, and makes the exit status 1 after results.json is written.
 
-``--quick`` (under 3 minutes on the 2-core machine of bench/README.md)
-runs fewer repeats and shorter windows on the same workloads; the full run
-takes about 10-15 minutes without the peers' build.
+``--quick`` (67 s on the 2-core machine of bench/README.md when quiet, 88-205 s
+at load averages of 5-15) runs fewer repeats and probes on the same
+workloads; the full run took 142 s there (quiet), plus the peers' build.
 """
 
 from __future__ import annotations
