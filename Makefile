@@ -5,6 +5,7 @@ IMAGE ?= kvsync:dev
 KIND ?= kind
 KIND_CLUSTER ?= kvsync-e2e
 E2E_KUBECONFIG ?= .kind-kubeconfig
+MATURIN ?= maturin
 FUZZ_CASES ?= 2000000
 STREAM_CASES ?= 200000
 
@@ -73,9 +74,14 @@ mutants: ## mutation testing of the stream, holders and index modules (cargo-mut
 		-e 'rust/core/src/**/tests.rs' -e rust/core/src/index/testutil.rs
 
 .PHONY: coverage
-coverage: ## line coverage: Rust core (cargo-tarpaulin) and Python (pytest-cov, subprocesses included)
-	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --out Stdout --engine ptrace
-	$(PYTHON) -m pytest --cov --cov-report=term-missing
+coverage: ## line coverage, HTML + summary in coverage/: Rust core (cargo-tarpaulin), Python (pytest-cov); COV_FAIL_UNDER=90 enforces a floor
+	mkdir -p coverage/rust
+	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --engine ptrace \
+		--out Html --out Json --output-dir coverage/rust $(if $(COV_FAIL_UNDER),--fail-under $(COV_FAIL_UNDER))
+	$(PYTHON) -m pytest --cov --cov-report=term --cov-report=html:coverage/python \
+		--cov-report=json:coverage/python.json $(if $(COV_FAIL_UNDER),--cov-fail-under=$(COV_FAIL_UNDER))
+	$(PYTHON) tools/coverage_summary.py coverage $(if $(COV_FAIL_UNDER),--fail-under $(COV_FAIL_UNDER)) \
+		> coverage/summary.md; status=$$?; cat coverage/summary.md; exit $$status
 
 
 .PHONY: image
@@ -93,3 +99,14 @@ e2e: image ## with Docker and kind: create a cluster, load the image, run pytest
 	$(KIND) delete cluster --name $(KIND_CLUSTER) --kubeconfig $(E2E_KUBECONFIG); \
 	rm -f $(E2E_KUBECONFIG); \
 	exit $$status
+.PHONY: wheel
+wheel: ## one manylinux2014 wheel for $(PYTHON) into dist/ (maturin --zig; zig from the dev extra's ziglang)
+	@command -v zig >/dev/null || { mkdir -p build/zig && printf '#!/bin/sh\nexec "%s" -m ziglang "$$@"\n' \
+		"$$(command -v $(PYTHON))" > build/zig/zig && chmod +x build/zig/zig; }
+	PATH="$(CURDIR)/build/zig:$$PATH" $(MATURIN) build --release --zig --compatibility manylinux2014 \
+		-i $(PYTHON) -o dist
+
+.PHONY: nightly
+nightly: ## the nightly benchmark run (quick), compared with bench/baseline_metrics.json
+	$(PYTHON) -m bench.nightly --quick --out nightly-out
+	$(PYTHON) -m bench.compare bench/baseline_metrics.json nightly-out/results.json
