@@ -177,23 +177,10 @@ impl Pool {
             f(s, t);
             return;
         }
-        match &self.sets[(h & !POOL_BIT) as usize] {
-            Set::Sparse(v) => v.iter().for_each(|e| {
-                let (s, t) = unpack(*e);
-                f(s, t);
-            }),
-            Set::Dense { words, bits, .. } => {
-                for w in 0..*words {
-                    let mut any = bits[w] | bits[words + w] | bits[2 * words + w];
-                    while any != 0 {
-                        let b = any.trailing_zeros();
-                        any &= any - 1;
-                        let slot = (w as u32) * 64 + b;
-                        f(slot, dense_get(*words, bits, slot));
-                    }
-                }
-            }
-        }
+        for_each_entry(&self.sets[(h & !POOL_BIT) as usize], |e| {
+            let (s, t) = unpack(e);
+            f(s, t);
+        });
     }
 
     /// `alive &= { slots holding the block in a tier of mask }`.

@@ -162,6 +162,17 @@ impl Index {
         Ok(d)
     }
 
+    /// `{worker: leading blocks held in the tiers of mask}` for every worker
+    /// of `model`, from one walk.
+    fn depths<'py>(&self, py: Python<'py>, model: &str, args: &QueryArgs, mask: u8) -> Result<Bound<'py, PyDict>> {
+        let (found, names) = self.find(py, |ix| {
+            let mut out = Vec::new();
+            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
+            out
+        })?;
+        Ok(Index::answer(py, &names, model, &found)?)
+    }
+
     /// `{worker: blocks}` for every worker of `model`.
     fn answer<'py>(py: Python<'py>, names: &Names, model: &str, found: &Found) -> PyResult<Bound<'py, PyDict>> {
         let Some(template) = names.templates.get(model) else { return Ok(PyDict::new(py)) };
@@ -303,14 +314,7 @@ impl Index {
         extra_keys: Option<&Bound<'py, PyAny>>,
         tiers: Option<&Bound<'py, PyAny>>,
     ) -> Result<Bound<'py, PyDict>> {
-        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
-        let mask = tiers_of(tiers)?;
-        let (found, names) = self.find(py, |ix| {
-            let mut out = Vec::new();
-            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
-            out
-        })?;
-        Ok(Index::answer(py, &names, model, &found)?)
+        self.depths(py, model, &QueryArgs::parse(token_ids, lora, extra_keys)?, tiers_of(tiers)?)
     }
 
     /// Like `match`, per tier, all four from one moment:
@@ -340,14 +344,7 @@ impl Index {
         lora: Option<&Bound<'py, PyAny>>,
         tiers: Option<&Bound<'py, PyAny>>,
     ) -> Result<Bound<'py, PyDict>> {
-        let args = QueryArgs::of_hashes(seq_hashes, lora)?;
-        let mask = tiers_of(tiers)?;
-        let (found, names) = self.find(py, |ix| {
-            let mut out = Vec::new();
-            args.with_query(model, mask, |q| ix.match_slots(q, &mut out));
-            out
-        })?;
-        Ok(Index::answer(py, &names, model, &found)?)
+        self.depths(py, model, &QueryArgs::of_hashes(seq_hashes, lora)?, tiers_of(tiers)?)
     }
 
     /// `(generation, names)`: the worker ids of `model` in the order
