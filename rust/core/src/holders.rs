@@ -777,6 +777,54 @@ mod tests {
         assert_eq!(seen.len(), 1 << 16);
     }
 
+    /// Contents of a handle as (slot, tiers) pairs.
+    fn content(pool: &Pool, h: u32) -> Vec<(u32, u8)> {
+        let mut v = Vec::new();
+        pool.for_each(h, |s, t| v.push((s, t)));
+        v
+    }
+
+    #[test]
+    fn the_move_memo_applies_only_to_the_same_slot_and_tiers() {
+        let mut pool = Pool::default();
+        let mut blocks = [0u32; 3];
+        for h in &mut blocks {
+            pool.set(h, 10, 1);
+            pool.set(h, 11, 1);
+        }
+        assert!(blocks.iter().all(|&h| h == blocks[0]));
+        pool.set(&mut blocks[0], 12, 1); // remembered: S + (12, gpu)
+        pool.set(&mut blocks[1], 12, 2); // same set and slot, other tiers
+        pool.set(&mut blocks[2], 13, 2); // same set and tiers, another slot
+        assert_eq!(content(&pool, blocks[0]), [(10, 1), (11, 1), (12, 1)]);
+        assert_eq!(content(&pool, blocks[1]), [(10, 1), (11, 1), (12, 2)]);
+        assert_eq!(content(&pool, blocks[2]), [(10, 1), (11, 1), (13, 2)]);
+        pool.check(blocks.iter().copied()).unwrap();
+    }
+
+    #[test]
+    fn a_freed_set_is_never_remembered_as_a_move_source() {
+        let mut pool = Pool::default();
+        let (mut x, mut y) = (0u32, 0u32);
+        for slot in [1, 2] {
+            pool.set(&mut x, slot, 1);
+        }
+        for slot in [1, 2, 3] {
+            pool.set(&mut y, slot, 1);
+        }
+        // x joins y's set; x's old set is freed
+        pool.set(&mut x, 3, 1);
+        assert_eq!(x, y);
+        // a new set takes the freed place, then makes "the same" move
+        let mut z = 0u32;
+        for slot in [4, 5] {
+            pool.set(&mut z, slot, 1);
+        }
+        pool.set(&mut z, 3, 1);
+        assert_eq!(content(&pool, z), [(3, 1), (4, 1), (5, 1)]);
+        pool.check([x, y, z].into_iter()).unwrap();
+    }
+
     #[test]
     fn blocks_with_the_same_holders_share_one_set() {
         let mut pool = Pool::default();
