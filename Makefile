@@ -70,7 +70,7 @@ ci: ## what CI runs
 .PHONY: mutants
 mutants: ## mutation testing of the stream, holders and index modules (cargo-mutants; long)
 	cargo mutants -p kvsync-core --no-shuffle -j 1 \
-		-f 'rust/core/src/stream/*.rs' -f rust/core/src/holders.rs -f 'rust/core/src/index/*.rs' \
+		-f 'rust/core/src/stream/*.rs' -f 'rust/core/src/holders/*.rs' -f 'rust/core/src/index/*.rs' \
 		-e 'rust/core/src/**/tests.rs' -e rust/core/src/index/testutil.rs
 
 .PHONY: coverage

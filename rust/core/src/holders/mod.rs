@@ -31,7 +31,7 @@ const TIER_MASK: u32 = 0b111;
 /// Largest worker slot the inline form can carry.
 pub const MAX_SLOT: u32 = (1 << (31 - TIER_BITS)) - 1;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Set {
     Sparse(Vec<u32>),
     /// `words` bitmap words per tier, laid out `[gpu | cpu | storage]`.
@@ -504,31 +504,29 @@ fn same_content(a: &Set, b: &Set, patch: Option<(u32, u8)>) -> bool {
             let mut y = Vec::with_capacity(b.len() as usize + 1);
             for_each_entry(b, |e| y.push(e));
             if let Some((slot, tiers)) = patch {
-                match y.binary_search_by_key(&slot, |e| e >> TIER_BITS) {
-                    Ok(i) if tiers == 0 => {
-                        y.remove(i);
-                    }
-                    Ok(i) => y[i] = pack(slot, tiers),
-                    Err(i) if tiers != 0 => y.insert(i, pack(slot, tiers)),
-                    Err(_) => {}
-                }
+                edit_entries(&mut y, slot, tiers);
             }
             x == y
         }
     }
 }
 
+/// Set `slot`'s tiers in a slot-sorted entry list (0 removes it).
+fn edit_entries(v: &mut Vec<u32>, slot: u32, tiers: u8) {
+    match v.binary_search_by_key(&slot, |e| e >> TIER_BITS) {
+        Ok(i) if tiers == 0 => {
+            v.remove(i);
+        }
+        Ok(i) => v[i] = pack(slot, tiers),
+        Err(i) if tiers != 0 => v.insert(i, pack(slot, tiers)),
+        Err(_) => {}
+    }
+}
+
 /// Set `slot`'s tiers in `set` (0 removes it).
 fn edit(set: &mut Set, slot: u32, tiers: u8) {
     match set {
-        Set::Sparse(v) => match v.binary_search_by_key(&slot, |e| e >> TIER_BITS) {
-            Ok(i) if tiers == 0 => {
-                v.remove(i);
-            }
-            Ok(i) => v[i] = pack(slot, tiers),
-            Err(i) if tiers != 0 => v.insert(i, pack(slot, tiers)),
-            Err(_) => {}
-        },
+        Set::Sparse(v) => edit_entries(v, slot, tiers),
         Set::Dense { words, bits, count } => {
             let w = (slot / 64) as usize;
             if w >= *words && tiers != 0 {
@@ -602,348 +600,4 @@ fn reshape(set: &mut Set) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use std::collections::BTreeMap;
-
-    /// What the pool's heap really holds, recomputed from scratch.
-    fn recomputed_bytes(p: &Pool) -> usize {
-        let sets: usize = p
-            .sets
-            .iter()
-            .map(|s| match s {
-                Set::Sparse(v) => v.capacity() * 4,
-                Set::Dense { bits, .. } => bits.capacity() * 8,
-            })
-            .sum();
-        p.sets.capacity() * std::mem::size_of::<Set>()
-            + p.refs.capacity() * 4
-            + p.sums.capacity() * 8
-            + p.by_content.allocation_size()
-            + p.free.capacity() * 4
-            + sets
-    }
-
-    #[test]
-    fn memory_accounting_matches_the_heap_through_every_representation() {
-        let mut pool = Pool::default();
-        assert_eq!(pool.memory_bytes(), 0);
-        let mut handles = [0u32; 3];
-        // grow past the sparse form into bitmaps and back, in several sets
-        for round in 0..2u32 {
-            for slot in 0..600u32 {
-                for (i, h) in handles.iter_mut().enumerate() {
-                    if slot % (i as u32 + 1) == round % 2 {
-                        pool.set(h, slot, 1 + (slot % 7) as u8);
-                    }
-                    assert_eq!(pool.memory_bytes(), recomputed_bytes(&pool));
-                }
-            }
-            assert!(pool.memory_bytes() >= 600 / 8 * 3, "bitmaps are on the heap");
-            for slot in 0..600u32 {
-                for h in &mut handles {
-                    pool.set(h, slot, 0);
-                    assert_eq!(pool.memory_bytes(), recomputed_bytes(&pool));
-                }
-            }
-        }
-        assert_eq!(handles, [0; 3]);
-    }
-
-    #[test]
-    fn intersect_keeps_only_holders_in_the_asked_tiers_beyond_4096_slots() {
-        // a few holders (sparse form) among 4,160 slots: the wide path
-        let mut pool = Pool::default();
-        let mut h = 0u32;
-        pool.set(&mut h, 5, 0b001); // gpu
-        pool.set(&mut h, 4100, 0b010); // cpu
-        pool.set(&mut h, 4101, 0b100); // storage
-        let words = 65;
-        for (mask, want) in
-            [(0b001, vec![5]), (0b010, vec![4100]), (0b110, vec![4100, 4101]), (0b111, vec![5, 4100, 4101])]
-        {
-            let mut alive = vec![u64::MAX; words];
-            pool.intersect(h, mask, &mut alive);
-            let got: Vec<u32> =
-                (0..words as u32 * 64).filter(|s| alive[(s / 64) as usize] >> (s % 64) & 1 == 1).collect();
-            assert_eq!(got, want, "mask {mask:#05b}");
-        }
-        // and a slot already dead stays dead
-        let mut alive = vec![u64::MAX; words];
-        alive[4100 / 64] = 0;
-        pool.intersect(h, 0b111, &mut alive);
-        assert_eq!(alive.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
-    }
-
-    #[test]
-    fn the_largest_slot_fits_the_inline_form() {
-        assert_eq!(MAX_SLOT, (1 << 28) - 1);
-        let e = pack(MAX_SLOT, 7);
-        assert_eq!(e & POOL_BIT, 0);
-        assert_eq!(unpack(e), (MAX_SLOT, 7));
-    }
-
-    proptest! {
-        #[test]
-        fn behaves_like_a_map(ops in proptest::collection::vec((0u32..300, 0u8..8), 0..400)) {
-            let mut pool = Pool::default();
-            let mut h = 0u32;
-            let mut model = BTreeMap::new();
-            for (slot, tiers) in ops {
-                let old = pool.set(&mut h, slot, tiers);
-                prop_assert_eq!(old, model.get(&slot).copied().unwrap_or(0));
-                if tiers == 0 { model.remove(&slot); } else { model.insert(slot, tiers); }
-                prop_assert_eq!(pool.len(h) as usize, model.len());
-                for s in [0u32, 1, 63, 64, 65, 128, 299, slot] {
-                    prop_assert_eq!(pool.get(h, s), model.get(&s).copied().unwrap_or(0));
-                }
-                let mut seen = BTreeMap::new();
-                pool.for_each(h, |s, t| { seen.insert(s, t); });
-                prop_assert_eq!(&seen, &model);
-                for mask in [1u8, 2, 4, 7] {
-                    let mut alive = vec![u64::MAX; 5];
-                    pool.intersect(h, mask, &mut alive);
-                    for s in 0..320u32 {
-                        let want = model.get(&s).is_some_and(|t| t & mask != 0);
-                        prop_assert_eq!(alive[(s / 64) as usize] >> (s % 64) & 1 == 1, want);
-                    }
-                }
-                // a window of the bitset gives the same words as the whole
-                for (first, len) in [(1usize, 2usize), (2, 3), (4, 1), (0, 3)] {
-                    let mut whole = vec![u64::MAX; 5];
-                    pool.intersect(h, 7, &mut whole);
-                    let mut window = vec![u64::MAX; len];
-                    pool.intersect_words(h, 7, &mut window, first);
-                    prop_assert_eq!(&window[..], &whole[first..first + len]);
-                }
-            }
-        }
-    }
-
-    proptest! {
-        /// Several handles over shared sets: each behaves like its own map,
-        /// whatever the others do, and the sharing invariants hold.
-        #[test]
-        fn shared_sets_behave_like_separate_maps(
-            ops in proptest::collection::vec((0usize..4, 0u32..140, 0u8..8), 0..400),
-        ) {
-            let mut pool = Pool::default();
-            let mut handles = [0u32; 4];
-            let mut models: [BTreeMap<u32, u8>; 4] = Default::default();
-            for (i, slot, tiers) in ops {
-                // mostly the same few slots, so contents often coincide
-                let slot = if slot < 120 { slot % 8 } else { slot };
-                let old = pool.set(&mut handles[i], slot, tiers);
-                prop_assert_eq!(old, models[i].get(&slot).copied().unwrap_or(0));
-                if tiers == 0 { models[i].remove(&slot); } else { models[i].insert(slot, tiers); }
-                if let Err(e) = pool.check(handles.iter().copied()) {
-                    prop_assert!(false, "{}", e);
-                }
-                for (h, model) in handles.iter().zip(&models) {
-                    let mut seen = BTreeMap::new();
-                    pool.for_each(*h, |s, t| { seen.insert(s, t); });
-                    prop_assert_eq!(&seen, model);
-                }
-                for a in 0..4 {
-                    for b in 0..4 {
-                        // equal contents share one handle, different ones never do
-                        prop_assert_eq!(handles[a] == handles[b], models[a] == models[b]);
-                    }
-                }
-                prop_assert_eq!(pool.memory_bytes(), recomputed_bytes(&pool));
-            }
-            for (i, h) in handles.iter_mut().enumerate() {
-                for &slot in models[i].keys() {
-                    pool.set(h, slot, 0);
-                }
-            }
-            prop_assert_eq!(handles, [0; 4]);
-            prop_assert_eq!(pool.live_sets(), 0);
-            prop_assert_eq!(pool.heap_bytes, 0);
-        }
-    }
-
-    #[test]
-    fn entry_hashes_are_splitmix64_and_spread() {
-        // SplitMix64's published first outputs for seeds 0 and 1234567:
-        // equal sets are found by one probe only if different entries get
-        // unrelated hashes (a constant hash would still be correct, and slow).
-        assert_eq!(entry_hash(0), 0xe220_a839_7b1d_cdaf);
-        assert_eq!(entry_hash(1_234_567), 6_457_827_717_110_365_317);
-        let mut seen: Vec<u64> = (0..1u32 << 16).map(entry_hash).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        assert_eq!(seen.len(), 1 << 16);
-    }
-
-    /// Contents of a handle as (slot, tiers) pairs.
-    fn content(pool: &Pool, h: u32) -> Vec<(u32, u8)> {
-        let mut v = Vec::new();
-        pool.for_each(h, |s, t| v.push((s, t)));
-        v
-    }
-
-    #[test]
-    fn the_move_memo_applies_only_to_the_same_slot_and_tiers() {
-        let mut pool = Pool::default();
-        let mut blocks = [0u32; 3];
-        for h in &mut blocks {
-            pool.set(h, 10, 1);
-            pool.set(h, 11, 1);
-        }
-        assert!(blocks.iter().all(|&h| h == blocks[0]));
-        pool.set(&mut blocks[0], 12, 1); // remembered: S + (12, gpu)
-        pool.set(&mut blocks[1], 12, 2); // same set and slot, other tiers
-        pool.set(&mut blocks[2], 13, 2); // same set and tiers, another slot
-        assert_eq!(content(&pool, blocks[0]), [(10, 1), (11, 1), (12, 1)]);
-        assert_eq!(content(&pool, blocks[1]), [(10, 1), (11, 1), (12, 2)]);
-        assert_eq!(content(&pool, blocks[2]), [(10, 1), (11, 1), (13, 2)]);
-        pool.check(blocks.iter().copied()).unwrap();
-    }
-
-    #[test]
-    fn a_freed_set_is_never_remembered_as_a_move_source() {
-        let mut pool = Pool::default();
-        let (mut x, mut y) = (0u32, 0u32);
-        for slot in [1, 2] {
-            pool.set(&mut x, slot, 1);
-        }
-        for slot in [1, 2, 3] {
-            pool.set(&mut y, slot, 1);
-        }
-        // x joins y's set; x's old set is freed
-        pool.set(&mut x, 3, 1);
-        assert_eq!(x, y);
-        // a new set takes the freed place, then makes "the same" move
-        let mut z = 0u32;
-        for slot in [4, 5] {
-            pool.set(&mut z, slot, 1);
-        }
-        pool.set(&mut z, 3, 1);
-        assert_eq!(content(&pool, z), [(3, 1), (4, 1), (5, 1)]);
-        pool.check([x, y, z].into_iter()).unwrap();
-    }
-
-    #[test]
-    fn blocks_with_the_same_holders_share_one_set() {
-        let mut pool = Pool::default();
-        // a chain of 100 blocks each cached by the same 150 workers
-        let mut chain = [0u32; 100];
-        for slot in 0..150 {
-            for h in &mut chain {
-                pool.set(h, slot, 1);
-            }
-        }
-        assert!(chain.iter().all(|&h| h == chain[0]));
-        assert_eq!(pool.live_sets(), 1);
-        pool.check(chain.iter().copied()).unwrap();
-        let one_set = pool.memory_bytes();
-        // one block gains a CPU copy: it alone moves to a new set
-        assert_eq!(pool.set(&mut chain[7], 3, 0b011), 1);
-        assert_eq!(pool.live_sets(), 2);
-        assert_eq!(pool.get(chain[7], 3), 0b011);
-        assert_eq!(pool.get(chain[8], 3), 1, "the other blocks are untouched");
-        // and back: it rejoins the shared set, the copy is freed
-        pool.set(&mut chain[7], 3, 1);
-        assert_eq!(pool.live_sets(), 1);
-        assert!(chain.iter().all(|&h| h == chain[0]));
-        assert!(pool.memory_bytes() <= one_set + 64, "the copy's heap is given back");
-        pool.check(chain.iter().copied()).unwrap();
-        // a count that does not match the handles is reported
-        assert!(pool.check(chain[..99].iter().copied()).unwrap_err().contains("100"));
-    }
-
-    /// Which representation a handle uses.
-    fn kind(pool: &Pool, h: u32) -> &'static str {
-        if h == 0 {
-            "empty"
-        } else if h & POOL_BIT == 0 {
-            "inline"
-        } else {
-            match pool.sets[(h & !POOL_BIT) as usize] {
-                Set::Sparse(_) => "sparse",
-                Set::Dense { .. } => "dense",
-            }
-        }
-    }
-
-    fn agrees(pool: &Pool, h: u32, model: &BTreeMap<u32, u8>) {
-        assert_eq!(pool.len(h) as usize, model.len());
-        let mut seen = BTreeMap::new();
-        pool.for_each(h, |s, t| {
-            seen.insert(s, t);
-        });
-        assert_eq!(&seen, model);
-        for s in 0..200 {
-            assert_eq!(pool.get(h, s), model.get(&s).copied().unwrap_or(0), "slot {s}");
-        }
-        let mut alive = vec![u64::MAX; 4];
-        pool.intersect(h, 2, &mut alive);
-        for s in 0..256u32 {
-            let want = model.get(&s).is_some_and(|t| t & 2 != 0);
-            assert_eq!(alive[(s / 64) as usize] >> (s % 64) & 1 == 1, want, "slot {s}");
-        }
-    }
-
-    #[test]
-    fn representation_switches_both_ways() {
-        let mut pool = Pool::default();
-        let mut h = 0;
-        let mut model = BTreeMap::new();
-        let mut kinds = Vec::new();
-        // Grow: one holder inline, a few in a sorted vector, many in bitmaps.
-        for s in 0..128u32 {
-            let t = (s % 7 + 1) as u8;
-            pool.set(&mut h, s, t);
-            model.insert(s, t);
-            agrees(&pool, h, &model);
-            if kinds.last() != Some(&kind(&pool, h)) {
-                kinds.push(kind(&pool, h));
-            }
-        }
-        assert_eq!(kinds, ["inline", "sparse", "dense"]);
-        assert!(pool.heap_bytes > 0);
-        // Shrink back: bitmaps, then a vector, then one inline, then nothing.
-        for s in 0..128u32 {
-            pool.set(&mut h, s, 0);
-            model.remove(&s);
-            agrees(&pool, h, &model);
-            if kinds.last() != Some(&kind(&pool, h)) {
-                kinds.push(kind(&pool, h));
-            }
-        }
-        assert_eq!(kinds, ["inline", "sparse", "dense", "sparse", "inline", "empty"]);
-        assert_eq!(h, 0);
-        // Every heap byte is given back, and the set's slot is reused.
-        assert_eq!(pool.heap_bytes, 0);
-        assert_eq!(pool.free.len(), pool.sets.len());
-    }
-
-    #[test]
-    fn memory_returns_to_baseline_after_each_cycle() {
-        let mut pool = Pool::default();
-        let mut handles = vec![0u32; 50];
-        let cycle = |pool: &mut Pool, handles: &mut Vec<u32>| {
-            for (i, h) in handles.iter_mut().enumerate() {
-                // a mix of sparse and dense sets
-                for s in 0..(i as u32 * 3 + 2) {
-                    pool.set(h, s, 1);
-                }
-            }
-            assert!(pool.heap_bytes > 0);
-            for (i, h) in handles.iter_mut().enumerate() {
-                for s in 0..(i as u32 * 3 + 2) {
-                    pool.set(h, s, 0);
-                }
-                assert_eq!(*h, 0);
-            }
-            assert_eq!(pool.heap_bytes, 0);
-            pool.memory_bytes()
-        };
-        let baseline = cycle(&mut pool, &mut handles);
-        for _ in 0..5 {
-            assert_eq!(cycle(&mut pool, &mut handles), baseline);
-        }
-    }
-}
+mod tests;
