@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvsync import sim
+from kvsync.simengine import encode_batch
 
 
 def _pregenerate(rank: sim.Rank, batches: int) -> list[bytes]:
@@ -31,8 +32,8 @@ def _pregenerate(rank: sim.Rank, batches: int) -> list[bytes]:
         events: list[dict[str, Any]] = []
         for _ in range(args.batch_requests):
             events.extend(rank.pool.request(rank.workload.next_prompt()))
-        out.append(sim.encode_batch(events, args.form, rank.rank))
-    out.append(sim.encode_batch([{"type": "AllBlocksCleared"}], args.form, rank.rank))
+        out.append(encode_batch(events, args.form, rank.rank))
+    out.append(encode_batch([{"type": "AllBlocksCleared"}], args.form, rank.rank))
     return out
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import kvsync
 from kvsync import demo
-from kvsync.sim import encode_batch
+from kvsync.simengine import encode_batch
 
 BLOCK = [1, 2, 3, 4]
 

@@ -13,15 +13,8 @@ import pytest
 import zmq
 
 import kvsync
-from kvsync.sim import (
-    ARRAY_FIELDS,
-    BlockPool,
-    SimProcess,
-    Simulator,
-    Workload,
-    build_parser,
-    encode_batch,
-)
+from kvsync.sim import SimProcess, Simulator, build_parser
+from kvsync.simengine import ARRAY_FIELDS, BlockPool, Workload, encode_batch
 
 
 def normalized(ev: kvsync.Event, fields: list[str]) -> dict[str, Any]:

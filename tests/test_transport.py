@@ -228,7 +228,7 @@ def test_many_start_stop_cycles_on_a_shared_context() -> None:
         for _ in range(100):
             m = kvsync.EventManager(kvsync.Index(), context=ctx)
             m.start()
-            names.add(m._wake_addr)
+            names.add(m._commands.address)
             m.stop()
             del m  # lets CPython reuse the id for the next manager
             gc.collect()

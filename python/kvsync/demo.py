@@ -28,7 +28,8 @@ from rich.console import Console
 import kvsync
 from kvsync.argtypes import int_at_least, non_negative_float, non_negative_int, positive_int
 from kvsync.demo_view import Fleet, LiveView, Snapshot, print_summary
-from kvsync.sim import BlockPool, SimProcess, Workload
+from kvsync.simengine import BlockPool, Workload
+from kvsync.simproc import SimProcess
 
 MODEL = "demo-model"
 MAX_ENGINES = 128

@@ -20,12 +20,9 @@ gaps, then replayed or purged) instead of growing this process's memory.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
@@ -35,6 +32,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kvsync import _limits
+from kvsync._commands import Commands
 from kvsync._core import Index, Streams, WorkerStatus
 from kvsync._limits import DescriptorLimitError
 from kvsync._pod import Pod
@@ -46,11 +44,7 @@ __all__ = ["END_SEQ", "DescriptorLimitError", "EventManager", "Pod"]
 log = logging.getLogger("kvsync.transport")
 
 END_SEQ = b"\xff" * 8
-_wake_ids = itertools.count()
 _ORDER = {"monitor": 0, "sub": 1, "dealer": 2}
-
-
-_Command = tuple[Callable[[], None], "Future[None]"]
 
 
 class EventManager:
@@ -137,14 +131,8 @@ class EventManager:
         self._pods: dict[str, Pod] = {}
         self._workers: dict[str, Worker] = {}
         self._by_socket: dict[zmq.Socket[bytes], tuple[str, Worker]] = {}
-        self._commands: queue.Queue[_Command] = queue.Queue()
-        self._wake_addr = ""
-        self._wake_send: zmq.Socket[bytes] | None = None
-        self._wake_lock = threading.Lock()
-        # Serializes the choice "queue for the I/O thread or run here" with
-        # the thread starting and ending, so no command is left unanswered.
-        self._lock = threading.RLock()
-        self._accepting = False  # the I/O thread takes commands
+        self._commands = Commands()
+        self._lock = self._commands.lock
         self._io_running = False  # the I/O thread owns sockets (its side only)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -164,19 +152,19 @@ class EventManager:
         purges it and follows the new address. Raises ``ValueError`` if one
         of its worker ids is another pod's (``a`` with dp_size 2 and
         ``a/dp0``), and leaves nothing behind when it fails."""
-        self._call(lambda: self._add_pod(pod))
+        self._commands.call(lambda: self._add_pod(pod))
 
     def remove_pod(self, name: str) -> None:
         """Stop following pod ``name``; returns once its holdings are purged.
         Raises ``KeyError`` for an unknown pod."""
-        self._call(lambda: self._remove_pod(name))
+        self._commands.call(lambda: self._remove_pod(name))
 
     def probe_restart(self, name: str) -> None:
         """Pod ``name``'s engine may have restarted (its container restart
         count grew): ask each of its workers for a replay probe now, as on a
         reconnect, so a restart that stays idle is found too. KeyError for an
         unknown pod."""
-        self._call(lambda: self._probe_restart(name))
+        self._commands.call(lambda: self._probe_restart(name))
 
     def status(self) -> dict[str, WorkerStatus]:
         """``{worker_id: WorkerStatus}`` (state, last_seq, batches, events,
@@ -196,9 +184,7 @@ class EventManager:
             if self._ctx is None:
                 self._ctx = _limits.new_context()
             _limits.check(len(self._workers), "EventManager.start", self._ctx)
-            # Unique per start: inproc names live as long as the context, and
-            # CPython reuses id()s of collected managers.
-            self._wake_addr = f"inproc://kvsync-wake-{next(_wake_ids)}-{uuid.uuid4().hex}"
+            self._commands.open(self._ctx)
             self._stopping.clear()
             ready: Future[None] = Future()
             self._thread = threading.Thread(
@@ -222,16 +208,13 @@ class EventManager:
         if thread is None:
             return
         self._stopping.set()
-        self._wake()
+        self._commands.wake()
         thread.join(timeout)
         if thread.is_alive():
             raise RuntimeError(f"kvsync I/O thread did not stop within {timeout} s")
         with self._lock:
             self._thread = None
-            with self._wake_lock:
-                if self._wake_send is not None:
-                    self._wake_send.close(linger=0)
-                    self._wake_send = None
+            self._commands.close()
             if self._own_ctx and self._ctx is not None:
                 # Every socket is closed by now; destroy() rather than term()
                 # so that a leak could never hang stop().
@@ -250,51 +233,6 @@ class EventManager:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    # ------------------------------------------------- command plumbing
-
-    def _call(self, fn: Callable[[], None], timeout: float = 30.0) -> None:
-        """Run ``fn`` on the I/O thread (or here when it is not running);
-        its own exception, and no other command's, is raised here."""
-        fut: Future[None] = Future()
-        with self._lock:
-            if not self._accepting:
-                fn()  # not running: sockets are created on start
-                return
-            self._commands.put((fn, fut))
-        self._wake()
-        try:
-            fut.result(timeout)
-        except TimeoutError:
-            if fut.done():
-                raise  # the command itself raised TimeoutError
-            raise TimeoutError(f"kvsync I/O thread did not answer within {timeout} s") from None
-
-    def _wake(self) -> None:
-        with self._wake_lock:
-            if self._ctx is None:
-                return
-            if self._wake_send is None:
-                self._wake_send = self._ctx.socket(zmq.PUSH)
-                self._wake_send.setsockopt(zmq.LINGER, 0)
-                self._wake_send.connect(self._wake_addr)
-            with contextlib.suppress(zmq.Again):
-                self._wake_send.send(b"", zmq.NOBLOCK)
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fn()
-            except BaseException as e:
-                fut.set_exception(e)
-            else:
-                fut.set_result(None)
 
     def _probe_restart(self, name: str) -> None:
         now = time.monotonic()
@@ -431,16 +369,14 @@ class EventManager:
         assert self._ctx is not None
         wake: zmq.Socket[bytes] | None = None
         try:
-            wake = self._ctx.socket(zmq.PULL)
-            wake.setsockopt(zmq.LINGER, 0)
-            wake.bind(self._wake_addr)
+            wake = self._commands.bind()
             self._ready = Readiness()
             self._ready.add(wake)
             self._io_running = True
             for w in self._workers.values():
                 self._open(w)
             with self._lock:
-                self._accepting = True
+                self._commands.accepting = True
         except BaseException as e:
             self._shutdown(wake)
             ready.set_exception(e)
@@ -457,7 +393,7 @@ class EventManager:
         with self._lock:
             # From here on commands run in their caller's thread; answer the
             # ones already queued the same way.
-            self._accepting = False
+            self._commands.accepting = False
             self._io_running = False
             for w in list(self._workers.values()):
                 self._close(w)
@@ -465,16 +401,15 @@ class EventManager:
                 self._ready.discard(wake)
                 wake.close(linger=0)
             self._ready.close()
-            self._run_commands()
+            self._commands.run_pending()
 
     def _loop(self, wake: zmq.Socket[bytes]) -> None:
         while not self._stopping.is_set():
             ready = self._ready.wait(self.poll_ms / 1000)
             now = time.monotonic()
             if wake in ready:
-                self._drain(wake)
+                self._commands.on_wake(wake)
                 self._ready.recheck(wake)
-                self._run_commands()
             # Connection events, then live messages, then replay replies: the
             # stream must hear of a (re)connect before what came over it, and
             # a batch zmq already took off the live connection must reach it
@@ -534,12 +469,6 @@ class EventManager:
                     self._request_replay(worker, start)
                 except Exception:
                     log.exception("%s: cannot request a replay", wid)
-
-    @staticmethod
-    def _drain(sock: zmq.Socket[bytes]) -> None:
-        with contextlib.suppress(zmq.Again):
-            while True:
-                sock.recv(zmq.NOBLOCK)
 
     def _lose(self, w: Worker) -> None:
         """The index no longer knows a followed worker (someone called

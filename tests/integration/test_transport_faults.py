@@ -21,7 +21,8 @@ import zmq
 
 import kvsync
 from kvsync._core import Streams
-from kvsync.sim import SimProcess, encode_batch
+from kvsync.sim import SimProcess
+from kvsync.simengine import encode_batch
 
 from .conftest import MODEL, assert_index_is_truth, caught_up, pod_of, wait_for
 
@@ -341,7 +342,7 @@ def test_a_flood_faster_than_ingest_is_bounded_and_reported(
             held.set()
             gate.wait(30)
 
-        t = threading.Thread(target=m._call, args=(hold,), daemon=True)
+        t = threading.Thread(target=m._commands.call, args=(hold,), daemon=True)
         t.start()
         assert held.wait(10)
         pad = b"x" * 16384

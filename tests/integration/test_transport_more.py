@@ -117,7 +117,7 @@ def test_a_stuck_io_thread_fails_stop_and_commands_at_their_deadline(
     try:
         assert f.held.wait(10), "the I/O thread never reached its tick"
         with pytest.raises(TimeoutError, match=r"I/O thread did not answer within 0\.3 s"):
-            m._call(lambda: None, timeout=0.3)
+            m._commands.call(lambda: None, timeout=0.3)
         with pytest.raises(RuntimeError, match=r"I/O thread did not stop within 0\.3 s"):
             m.stop(timeout=0.3)
     finally:
@@ -133,7 +133,7 @@ def test_a_commands_own_timeout_error_is_not_taken_for_a_stuck_thread(
         raise TimeoutError("the command's own")
 
     with kvsync.EventManager(index) as m, pytest.raises(TimeoutError, match="the command's own"):
-        m._call(times_out, timeout=10)
+        m._commands.call(times_out, timeout=10)
 
 
 def test_max_message_bytes_below_1_is_refused(index: kvsync.Index) -> None:
