@@ -103,6 +103,12 @@ def check_same(index: kvsync.Index, model: ModelIndex) -> int:
             scores = index.match_scores(name, tokens, lora=lora, extra_keys=extras)
             assert scores == model.match_scores(name, tokens, lora, extras)
             bs = model.block_size.get(name)
+            # the router's one-call form: the same scores, and the keys of
+            # the prompt's full blocks (standard seq hashes XOR namespace)
+            both, keys = index.scores_and_keys(name, tokens, lora=lora, extra_keys=extras)
+            assert both == scores
+            assert keys == index.prefix_keys(name, tokens, lora=lora, extra_keys=extras)
+            assert len(keys) == (0 if bs is None else len(tokens) // bs)
             if bs is not None and not extras:
                 # The same prompt as standard seq hashes (computed by an
                 # independent implementation) finds the same blocks.

@@ -223,6 +223,16 @@ class Index:
         blocks held in any tier, and their cached value (each block weighs its best
         tier: ``weights`` = (gpu, cpu, storage))."""
 
+    def scores_and_keys(
+        self,
+        model: str,
+        token_ids: TokenIds,
+        lora: Lora = None,
+        extra_keys: ExtraKeys | None = None,
+        weights: tuple[float, float, float] = (1.0, 0.75, 0.25),
+    ) -> tuple[dict[str, tuple[int, float]], list[int]]:
+        """``(match_scores(...), prefix_keys(...))`` from one conversion of the prompt."""
+
     def prefix_keys(
         self,
         model: str,

@@ -195,8 +195,9 @@ class Router:
             raise NoWorkersError(f"no worker serves model {model!r}")
         eligible = self._eligible(model, infos, candidates)
         g, c, s = (self.tier_weights[t] for t in TIERS)
-        keys = self.index.prefix_keys(model, token_ids, lora, extra_keys)
-        real = self.index.match_scores(model, token_ids, lora, extra_keys, weights=(g, c, s))
+        real, keys = self.index.scores_and_keys(
+            model, token_ids, lora, extra_keys, weights=(g, c, s)
+        )
         with self._lock:
             now = self._clock()
             self._expire(now)

@@ -107,6 +107,43 @@ impl Index {
 
     /// Run a query under one read lock (so the answer is of one moment),
     /// with the names of the workers at that moment.
+    /// `match_scores`, and the prompt's prefix keys when `keys` is set.
+    #[allow(clippy::too_many_arguments)] // the match arguments, the weights and the keys switch
+    fn scores<'py>(
+        &self,
+        py: Python<'py>,
+        model: &str,
+        token_ids: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+        extra_keys: Option<&Bound<'py, PyAny>>,
+        weights: (f64, f64, f64),
+        keys: bool,
+    ) -> Result<(Bound<'py, PyDict>, Vec<u64>)> {
+        let w = [weights.0, weights.1, weights.2];
+        if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(Error::invalid(format!("weights must be finite and >= 0, got {weights:?}")));
+        }
+        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
+        let ((found, prefix), names) = self.find(py, |ix| {
+            let mut out = Vec::new();
+            let prefix = args.with_query(model, 7, |q| {
+                ix.match_scores(q, w, &mut out);
+                if keys {
+                    ix.query_keys(q)
+                } else {
+                    Vec::new()
+                }
+            });
+            (out, prefix)
+        })?;
+        let d = PyDict::new(py);
+        for (slot, blocks, value) in found {
+            let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
+            d.set_item(name.bind(py), (blocks, value))?;
+        }
+        Ok((d, prefix))
+    }
+
     fn find<T: Send>(
         &self,
         py: Python<'_>,
@@ -404,22 +441,23 @@ impl Index {
         extra_keys: Option<&Bound<'py, PyAny>>,
         weights: (f64, f64, f64),
     ) -> Result<Bound<'py, PyDict>> {
-        let w = [weights.0, weights.1, weights.2];
-        if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
-            return Err(Error::invalid(format!("weights must be finite and >= 0, got {weights:?}")));
-        }
-        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
-        let (found, names) = self.find(py, |ix| {
-            let mut out = Vec::new();
-            args.with_query(model, 7, |q| ix.match_scores(q, w, &mut out));
-            out
-        })?;
-        let d = PyDict::new(py);
-        for (slot, blocks, value) in found {
-            let Some(Some(name)) = names.by_slot.get(slot as usize) else { continue };
-            d.set_item(name.bind(py), (blocks, value))?;
-        }
-        Ok(d)
+        Ok(self.scores(py, model, token_ids, lora, extra_keys, weights, false)?.0)
+    }
+
+    /// `(prefix_keys(...), match_scores(...))` from one conversion of the
+    /// prompt (a router needs both; an 8k-token list costs more to convert
+    /// than to match).
+    #[pyo3(signature = (model, token_ids, lora=None, extra_keys=None, weights=(1.0, 0.75, 0.25)), text_signature = "(self, model, token_ids, lora=None, extra_keys=None, weights=(1.0, 0.75, 0.25))")]
+    fn scores_and_keys<'py>(
+        &self,
+        py: Python<'py>,
+        model: &str,
+        token_ids: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+        extra_keys: Option<&Bound<'py, PyAny>>,
+        weights: (f64, f64, f64),
+    ) -> Result<(Bound<'py, PyDict>, Vec<u64>)> {
+        self.scores(py, model, token_ids, lora, extra_keys, weights, true)
     }
 
     /// kvsync's prefix keys for the prompt's full blocks (for tools and

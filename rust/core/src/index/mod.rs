@@ -105,6 +105,7 @@ mod stats;
 mod streams;
 #[cfg(test)]
 mod testutil;
+mod walk;
 mod workers;
 
 use std::collections::HashMap;

@@ -2,122 +2,8 @@
 //! the key table, intersecting the still-matching workers with each block's
 //! holders.
 
+use super::walk::{slots_of, Keys, Survivors, Walk};
 use super::{Index, Model, Query, NIL};
-use crate::prefix::{chain, local_hash, namespace};
-use crate::wire::Value;
-
-/// Local hashes computed ahead of the chain, in batches: they do not
-/// depend on each other, so a tight loop over a batch overlaps them, while
-/// the serial chain step and the walk's loads follow. Small enough that a
-/// walk stopping at the first block wastes little.
-const AHEAD: usize = 16;
-
-/// The prefix keys of a query's full blocks (`prefix`: the standard `seq`
-/// hash XOR the namespace), hashed lazily in batches of [`AHEAD`]: a walk
-/// that stops early hashes little further. Without a block size a token
-/// query has no keys.
-struct Keys<'a, 'q, 'v> {
-    q: &'a Query<'q, 'v>,
-    /// The full blocks' tokens; none when the block size is not known.
-    blocks: std::iter::Enumerate<std::slice::ChunksExact<'q, u32>>,
-    /// The prompt's standard hashes when it came as hashes.
-    hashes: std::slice::Iter<'q, u64>,
-    ns: u64,
-    seed: u64,
-    prev: Option<u64>,
-    locals: [u64; AHEAD],
-    next: usize,
-    filled: usize,
-}
-
-impl<'a, 'q, 'v> Keys<'a, 'q, 'v> {
-    fn new(q: &'a Query<'q, 'v>, block_size: Option<u32>, seed: u64) -> Self {
-        let tokens = if block_size.is_some() && q.hashes.is_none() { q.tokens } else { &[] };
-        let blocks = tokens.chunks_exact(block_size.map_or(1, |b| b as usize)).enumerate();
-        let hashes = q.hashes.unwrap_or_default().iter();
-        let ns = namespace(q.model, q.lora);
-        Keys { q, blocks, hashes, ns, seed, prev: None, locals: [0; AHEAD], next: 0, filled: 0 }
-    }
-
-    /// The next batch of local hashes; false when no block is left.
-    #[inline(never)]
-    fn refill(&mut self) -> bool {
-        let mut n = 0;
-        if let Some(extra_keys) = self.q.extra_keys {
-            for (i, toks) in self.blocks.by_ref().take(AHEAD) {
-                let extras: &[Value<'_>] = match extra_keys.get(i) {
-                    Some(Some(v)) => v,
-                    _ => &[],
-                };
-                self.locals[n] = local_hash(toks, extras, self.seed);
-                n += 1;
-            }
-        } else {
-            for ((_, toks), local) in self.blocks.by_ref().take(AHEAD).zip(self.locals.iter_mut()) {
-                *local = local_hash(toks, &[], self.seed);
-                n += 1;
-            }
-        }
-        self.next = 0;
-        self.filled = n;
-        n > 0
-    }
-}
-
-impl Iterator for Keys<'_, '_, '_> {
-    type Item = u64;
-
-    #[inline]
-    fn next(&mut self) -> Option<u64> {
-        if self.q.hashes.is_some() {
-            return self.hashes.next().map(|h| h ^ self.ns);
-        }
-        if self.next == self.filled && !self.refill() {
-            return None;
-        }
-        let seq = chain(self.prev, self.locals[self.next], self.seed);
-        self.next += 1;
-        self.prev = Some(seq);
-        Some(seq ^ self.ns)
-    }
-}
-
-/// The slots of a query's leading blocks the index knows, in order, until
-/// the first it does not: each found through the previous block's child
-/// hint (checked by key), else the key table.
-struct Walk<'a, 'q, 'v> {
-    ix: &'a Index,
-    keys: Keys<'a, 'q, 'v>,
-    hint: u32,
-}
-
-impl Iterator for Walk<'_, '_, '_> {
-    type Item = u32;
-
-    #[inline]
-    fn next(&mut self) -> Option<u32> {
-        let key = self.keys.next()?;
-        let slot = match self.ix.blocks.get(self.hint as usize) {
-            Some(b) if b.key() == key && b.refs != NIL => self.hint,
-            _ => self.ix.find_block(key)?,
-        };
-        self.hint = self.ix.blocks[slot as usize].child;
-        Some(slot)
-    }
-}
-
-/// Worker slots of the set bits of bitset word `w`.
-#[inline]
-fn slots_of(w: usize, mut bits: u64) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        if bits == 0 {
-            return None;
-        }
-        let bit = bits.trailing_zeros() as usize;
-        bits &= bits - 1;
-        Some(w * 64 + bit)
-    })
-}
 
 /// Every member of `model` with its entry of `depth`, in registration-slot
 /// order (so answers print in a stable order).
@@ -164,45 +50,23 @@ impl Index {
             heap = (vec![0; words], vec![0; words], vec![0; words * 64]);
             (&mut heap.0[..], &mut heap.1[..], &mut heap.2[..])
         };
-        alive.copy_from_slice(&model.members);
+        let mut survivors = Survivors::new(&model.members, alive, before);
         out.reserve(model.workers as usize);
-        // The window of words that still has survivors: it only shrinks,
-        // so a walk costs what the prompt's holders span, not the fleet.
-        let (mut lo, mut hi) = (0, words);
         let mut i = 0u32;
         let mut last = None;
         for slot in walk {
             let holders = self.blocks[slot as usize].holders;
-            if last == Some(holders) {
-                // The same holder set as the block before (a shared set, a
-                // stretch of one chain): the survivors cannot change.
-                i += 1;
-                continue;
-            }
-            last = Some(holders);
-            before[lo..hi].copy_from_slice(&alive[lo..hi]);
-            self.pool.intersect_words(holders, q.tiers, &mut alive[lo..hi], lo);
-            for w in lo..hi {
-                for s in slots_of(w, before[w] & !alive[w]) {
-                    depth[s] = i;
+            // A block with the same holder set as the one before (a shared
+            // set, a stretch of one chain) cannot change the survivors.
+            if last != Some(holders) {
+                last = Some(holders);
+                if !survivors.narrow(&self.pool, holders, q.tiers, |s| depth[s] = i) {
+                    break;
                 }
             }
             i += 1;
-            while lo < hi && alive[lo] == 0 {
-                lo += 1;
-            }
-            while hi > lo && alive[hi - 1] == 0 {
-                hi -= 1;
-            }
-            if lo == hi {
-                break;
-            }
         }
-        for (w, &a) in alive.iter().enumerate().take(hi).skip(lo) {
-            for s in slots_of(w, a) {
-                depth[s] = i;
-            }
-        }
+        survivors.each(|s| depth[s] = i);
         by_member(model, depth, out);
     }
 
@@ -218,40 +82,27 @@ impl Index {
         let Some((model, walk)) = self.walk(q) else { return };
         let words = model.members.len();
         // Not the hot path (a diagnostic answer): plain vectors suffice.
-        let mut alive: [Vec<u64>; 4] = std::array::from_fn(|_| model.members.clone());
-        let mut before = vec![0u64; words];
+        let mut bufs: [(Vec<u64>, Vec<u64>); 4] = std::array::from_fn(|_| (vec![0; words], vec![0; words]));
+        let mut survivors = bufs.each_mut().map(|(alive, before)| Survivors::new(&model.members, alive, before));
         let mut depth = vec![[0u32; 4]; words * 64];
         let mut i = 0u32;
         let mut last = None;
         for slot in walk {
             let holders = self.blocks[slot as usize].holders;
-            if last == Some(holders) {
-                i += 1;
-                continue;
-            }
-            last = Some(holders);
-            let mut any = 0;
-            for (k, alive) in alive.iter_mut().enumerate() {
-                before.copy_from_slice(alive);
-                self.pool.intersect(holders, MASKS[k], alive);
-                for (w, (&was, &now)) in before.iter().zip(alive.iter()).enumerate() {
-                    any |= now;
-                    for s in slots_of(w, was & !now) {
-                        depth[s][k] = i;
-                    }
+            if last != Some(holders) {
+                last = Some(holders);
+                for (k, s) in survivors.iter_mut().enumerate() {
+                    s.narrow(&self.pool, holders, MASKS[k], |w| depth[w][k] = i);
+                }
+                // any tier's survivors include every single tier's
+                if !survivors[3].any() {
+                    break;
                 }
             }
             i += 1;
-            if any == 0 {
-                break;
-            }
         }
-        for (k, alive) in alive.iter().enumerate() {
-            for (w, &a) in alive.iter().enumerate() {
-                for s in slots_of(w, a) {
-                    depth[s][k] = i;
-                }
-            }
+        for (k, s) in survivors.iter().enumerate() {
+            s.each(|w| depth[w][k] = i);
         }
         by_member(model, &depth, out);
     }
@@ -265,45 +116,38 @@ impl Index {
         out.clear();
         let Some((model, walk)) = self.walk(q) else { return };
         let words = model.members.len();
-        let mut alive = model.members.clone();
-        let mut before = vec![0u64; words];
-        let mut tier = vec![0u64; words];
-        let mut counted = vec![0u64; words];
+        let (mut alive, mut before) = (vec![0u64; words], vec![0u64; words]);
+        let mut survivors = Survivors::new(&model.members, &mut alive, &mut before);
+        let (mut tier, mut counted) = (vec![0u64; words], vec![0u64; words]);
         let mut depth = vec![(0u32, 0f64); words * 64];
+        // What the last block with a new holder set is worth to each survivor.
+        let mut gain = vec![0f64; words * 64];
         let mut i = 0u32;
+        let mut last = None;
         for slot in walk {
             let holders = self.blocks[slot as usize].holders;
-            before.copy_from_slice(&alive);
-            self.pool.intersect(holders, 7, &mut alive);
-            let mut any = 0;
-            for (w, (&was, &now)) in before.iter().zip(alive.iter()).enumerate() {
-                any |= now;
-                for s in slots_of(w, was & !now) {
-                    depth[s].0 = i;
+            if last != Some(holders) {
+                last = Some(holders);
+                if !survivors.narrow(&self.pool, holders, 7, |s| depth[s].0 = i) {
+                    break;
                 }
-            }
-            if any == 0 {
-                break;
-            }
-            // Best tier first: a block held in the GPU and on disk counts as GPU.
-            counted.fill(0);
-            for (k, &weight) in weights.iter().enumerate() {
-                tier.copy_from_slice(&alive);
-                self.pool.intersect(holders, 1 << k, &mut tier);
-                for (w, (t, c)) in tier.iter().zip(counted.iter_mut()).enumerate() {
-                    for s in slots_of(w, t & !*c) {
-                        depth[s].1 += weight;
+                // Best tier first: a block held in the GPU and on disk counts as GPU.
+                let (lo, window) = survivors.window();
+                let n = window.len();
+                counted[..n].fill(0);
+                for (k, &weight) in weights.iter().enumerate() {
+                    tier[..n].copy_from_slice(window);
+                    self.pool.intersect_words(holders, 1 << k, &mut tier[..n], lo);
+                    for (j, (t, c)) in tier[..n].iter().zip(&mut counted[..n]).enumerate() {
+                        slots_of(lo + j, t & !*c).for_each(|s| gain[s] = weight);
+                        *c |= t;
                     }
-                    *c |= t;
                 }
             }
+            survivors.each(|s| depth[s].1 += gain[s]);
             i += 1;
         }
-        for (w, &a) in alive.iter().enumerate() {
-            for s in slots_of(w, a) {
-                depth[s].0 = i;
-            }
-        }
+        survivors.each(|s| depth[s].0 = i);
         for (w, &bits) in model.members.iter().enumerate() {
             out.extend(slots_of(w, bits).map(|s| (s as u32, depth[s].0, depth[s].1)));
         }
@@ -449,6 +293,71 @@ mod tests {
         assert_eq!(depth(&ix, &toks, "w4999"), 8);
         assert_eq!(depth(&ix, &toks, "w4001"), 5);
         assert_eq!(depth(&ix, &toks, "w1234"), 2);
+    }
+
+    /// Scores walked block by block from the key table and each block's
+    /// holders, without windows, skips or bitsets.
+    fn naive_scores(ix: &Index, toks: &[u32], weights: [f64; 3]) -> Vec<(u32, u32, f64)> {
+        let keys = ix.query_keys(&Query::new("m", toks));
+        let mut slots = Vec::new();
+        ix.match_slots(&Query::new("m", toks), &mut slots);
+        slots
+            .iter()
+            .map(|&(w, _)| {
+                let (mut n, mut value) = (0, 0.0);
+                for &key in &keys {
+                    let Some(b) = ix.find_block(key) else { break };
+                    let t = ix.pool.get(ix.blocks[b as usize].holders, w);
+                    if t == 0 {
+                        break;
+                    }
+                    n += 1;
+                    value += weights[t.trailing_zeros() as usize];
+                }
+                (w, n, value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scores_over_a_wide_fleet_agree_with_a_block_by_block_walk() {
+        // 5,000 workers: long single-holder chains (one holder set for a
+        // stretch of blocks: the skip), shared stretches, mixed tiers, and
+        // holders spread so the survivor window shrinks.
+        let mut ix = Index::default();
+        let ids: Vec<String> = (0..5000).map(|w| format!("w{w}")).collect();
+        for id in &ids {
+            ix.add_worker(id, "m").unwrap();
+        }
+        let toks: Vec<u32> = (0..40).collect();
+        let chain = |n: u64| (1..=n).collect::<Vec<u64>>();
+        let stores: [(usize, u64, Option<&str>); 8] = [
+            (3, 20, None),
+            (64, 6, Some("CPU")),
+            (700, 20, Some("DISK")),
+            (4000, 12, None),
+            (4001, 20, Some("CPU")),
+            (4999, 3, None),
+            (2500, 20, None),
+            (2500, 8, Some("CPU")),
+        ];
+        for (w, n, medium) in stores {
+            let b = B::default().store(&chain(n), None, &toks[..n as usize * 2], medium).build();
+            ix.apply(&ids[w], &b, None).unwrap();
+        }
+        for n in [0, 2, 7, 16, 24, 40] {
+            for weights in [[1.0, 0.75, 0.25], [0.5, 2.0, 0.125]] {
+                let mut got = Vec::new();
+                ix.match_scores(&Query::new("m", &toks[..n]), weights, &mut got);
+                assert_eq!(got, naive_scores(&ix, &toks[..n], weights), "{n} tokens, {weights:?}");
+            }
+        }
+        let mut got = Vec::new();
+        ix.match_scores(&Query::new("m", &toks), [1.0, 0.75, 0.25], &mut got);
+        // 2500: 8 blocks in GPU and CPU (GPU counts), 12 more in the GPU
+        assert_eq!(got[2500], (2500, 20, 20.0));
+        assert_eq!(got[700], (700, 20, 5.0));
+        assert_eq!(got[64], (64, 6, 4.5));
     }
 
     #[test]
