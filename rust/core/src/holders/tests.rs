@@ -413,7 +413,7 @@ fn editing_out_an_absent_holder_changes_nothing() {
     let map: BTreeMap<u32, u8> = [(1, 1), (2, 3), (65, 4)].into();
     for mut set in [sparse(&map), dense(&map, 0)] {
         let before = set.clone();
-        for slot in [0u32, 3, 64, 200, 4000] {
+        for slot in [0u32, 3, 64, 128, 200, 4000] {
             edit(&mut set, slot, 0);
         }
         assert_eq!(set, before);
