@@ -105,17 +105,12 @@ impl Index {
         Index { inner: DetachedRwLock::new(ix), names: DetachedMutex::new(Arc::new(Names::empty())) }
     }
 
-    /// Run a query under one read lock (so the answer is of one moment),
-    /// with the names of the workers at that moment.
     /// `match_scores`, and the prompt's prefix keys when `keys` is set.
-    #[allow(clippy::too_many_arguments)] // the match arguments, the weights and the keys switch
     fn scores<'py>(
         &self,
         py: Python<'py>,
         model: &str,
-        token_ids: &Bound<'py, PyAny>,
-        lora: Option<&Bound<'py, PyAny>>,
-        extra_keys: Option<&Bound<'py, PyAny>>,
+        args: &QueryArgs,
         weights: (f64, f64, f64),
         keys: bool,
     ) -> Result<(Bound<'py, PyDict>, Vec<u64>)> {
@@ -123,7 +118,6 @@ impl Index {
         if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
             return Err(Error::invalid(format!("weights must be finite and >= 0, got {weights:?}")));
         }
-        let args = QueryArgs::parse(token_ids, lora, extra_keys)?;
         let ((found, prefix), names) = self.find(py, |ix| {
             let mut out = Vec::new();
             let prefix = args.with_query(model, 7, |q| {
@@ -144,6 +138,8 @@ impl Index {
         Ok((d, prefix))
     }
 
+    /// Run a query under one read lock (so the answer is of one moment),
+    /// with the names of the workers at that moment.
     fn find<T: Send>(
         &self,
         py: Python<'_>,
@@ -441,7 +437,7 @@ impl Index {
         extra_keys: Option<&Bound<'py, PyAny>>,
         weights: (f64, f64, f64),
     ) -> Result<Bound<'py, PyDict>> {
-        Ok(self.scores(py, model, token_ids, lora, extra_keys, weights, false)?.0)
+        Ok(self.scores(py, model, &QueryArgs::parse(token_ids, lora, extra_keys)?, weights, false)?.0)
     }
 
     /// `(prefix_keys(...), match_scores(...))` from one conversion of the
@@ -457,7 +453,7 @@ impl Index {
         extra_keys: Option<&Bound<'py, PyAny>>,
         weights: (f64, f64, f64),
     ) -> Result<(Bound<'py, PyDict>, Vec<u64>)> {
-        self.scores(py, model, token_ids, lora, extra_keys, weights, true)
+        self.scores(py, model, &QueryArgs::parse(token_ids, lora, extra_keys)?, weights, true)
     }
 
     /// kvsync's prefix keys for the prompt's full blocks (for tools and
