@@ -18,10 +18,7 @@ bench) is not on the branch, or does not report these metrics.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from kvsync.service.process import ServeProcess
 from kvsync.sim import SimProcess
 
 from .engines import cpu_seconds
@@ -42,36 +40,9 @@ START_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 60.0
 
 
-class _Serve:
+class _Serve(ServeProcess):
     def __init__(self, log: Path, *args: str) -> None:
-        self.log = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVSYNC_")}
-        self.started = time.monotonic()
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvsync", "serve", "--port", "0", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=env,
-                start_new_session=True,
-            )
-        try:
-            self.url = self._url()
-        except BaseException:
-            self.kill()
-            raise
-
-    def _url(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if "listening on " in line:
-                    return line.split("listening on ", 1)[1].strip()
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvsync serve exited: {self.log.read_text()[-2000:]}")
-            time.sleep(0.01)
-        raise TimeoutError(f"kvsync serve did not listen within {START_TIMEOUT_S} s")
+        super().__init__(log, *args, start_timeout=START_TIMEOUT_S)
 
     def ready_after(self, http: httpx.Client) -> tuple[float, float]:
         """Seconds from this process's start until /readyz said 200: wall
@@ -82,11 +53,6 @@ class _Serve:
                 return time.monotonic() - self.started, cpu_seconds(self.proc.pid)
             time.sleep(0.005)
         raise TimeoutError(f"kvsync serve not ready within {READY_TIMEOUT_S} s")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @contextmanager
