@@ -430,3 +430,47 @@ fn check_refuses_a_handle_past_the_pool() {
     let err = pool.check([h, POOL_BIT | 0x63].into_iter()).unwrap_err();
     assert!(err.contains("free holder set"), "{err}");
 }
+
+/// Entries `slot << 3 | tiers` for `slots`, all with `tiers`.
+fn entries(slots: impl Iterator<Item = u32>, tiers: u8) -> Vec<u32> {
+    slots.map(|s| pack(s, tiers)).collect()
+}
+
+#[test]
+fn reshape_switches_at_its_thresholds() {
+    // 4 bitmap words (slots up to 255): bitmaps (96 B) beat a list of more
+    // than 24 entries (4 B each)
+    let at = |n: u32| entries((0..n - 1).chain([255]), 1);
+    let mut s = Set::Sparse(at(24));
+    reshape(&mut s);
+    assert!(matches!(s, Set::Sparse(_)), "24 entries stay a list");
+    let mut s = Set::Sparse(at(25));
+    reshape(&mut s);
+    let Set::Dense { words, count, .. } = s else { panic!("25 entries become bitmaps") };
+    assert_eq!((words, count), (4, 25));
+    // and back when fewer than 2 holders per word are left
+    let dense = |n: u32| {
+        let mut m = BTreeMap::new();
+        for s in (0..n - 1).chain([255]) {
+            m.insert(s, 0b101); // GPU and storage: one bit in two bitmaps
+        }
+        dense(&m, 0)
+    };
+    let mut s = dense(8);
+    reshape(&mut s);
+    assert!(matches!(s, Set::Dense { count: 8, .. }), "8 holders in 4 words stay bitmaps");
+    let mut s = dense(7);
+    reshape(&mut s);
+    assert_eq!(s, Set::Sparse(entries((0..6).chain([255]), 0b101)), "every tier of every holder");
+    // a list keeps its spare room up to twice its length plus 4
+    let mut v = Vec::with_capacity(10);
+    v.extend(entries(0..3, 2));
+    let mut s = Set::Sparse(v);
+    reshape(&mut s);
+    assert!(matches!(&s, Set::Sparse(v) if v.capacity() == 10));
+    let mut v = Vec::with_capacity(11);
+    v.extend(entries(0..3, 2));
+    let mut s = Set::Sparse(v);
+    reshape(&mut s);
+    assert!(matches!(&s, Set::Sparse(v) if v.capacity() == 3 && *v == entries(0..3, 2)));
+}
