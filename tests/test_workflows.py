@@ -125,7 +125,10 @@ def test_nightly_at_3_utc_fails_on_a_regression_and_keeps_artifacts() -> None:
         for s in j["steps"]
         if "upload-artifact" in str(s.get("uses"))
     ]
-    assert len(uploads) == 2 and all(s["with"]["retention-days"] >= 30 for s in uploads)
+    assert len(uploads) == 3 and all(s["with"]["retention-days"] >= 30 for s in uploads)
+    # the mutation score of the core, with its floor in `make mutants`
+    assert "make mutants" in _runs({"jobs": {"m": wf["jobs"]["mutants"]}})
+    assert "--fail-under 85" in (REPO / "Makefile").read_text()
 
 
 def test_weekly_runs_full_chaos_and_e2e() -> None:

@@ -327,9 +327,9 @@ impl Pool {
         if let Some(j) = self.find_equal(sum, &self.sets[idx], Some((slot, tiers))) {
             self.refs[j as usize] += 1;
             self.unref(idx);
-            if self.refs[idx] > 0 {
-                self.memo = Some(Memo { from: *h, slot, tiers, to: j, old });
-            }
+            // (If that freed `idx`, no handle names it until it is reused,
+            // and reuse forgets the memo.)
+            self.memo = Some(Memo { from: *h, slot, tiers, to: j, old });
             *h = POOL_BIT | j;
             return old;
         }
@@ -396,6 +396,8 @@ impl Pool {
 
     /// A new set with one reference, not yet in the content table.
     fn alloc_unfiled(&mut self, s: Set) -> u32 {
+        // A memo may name a freed set as its source: not once it is reused.
+        self.memo = None;
         self.heap_bytes += s.heap_bytes();
         let idx = if let Some(i) = self.free.pop() {
             self.sets[i as usize] = s;

@@ -199,7 +199,7 @@ fn the_move_memo_applies_only_to_the_same_slot_and_tiers() {
 }
 
 #[test]
-fn a_freed_set_is_never_remembered_as_a_move_source() {
+fn a_reused_set_never_takes_a_remembered_move() {
     let mut pool = Pool::default();
     let (mut x, mut y) = (0u32, 0u32);
     for slot in [1, 2] {
