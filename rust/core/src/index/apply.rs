@@ -149,7 +149,8 @@ impl Index {
             None => (tokens.len() / n) as u64,
         };
         let model = self.worker(wslot).model as usize;
-        if bs == 0 || bs > u64::from(u32::MAX) || bs as usize * n != tokens.len() {
+        // (A block size of 0, or one too large for a u32, tiles no tokens.)
+        if usize::try_from(bs).ok().and_then(|b| b.checked_mul(n)) != Some(tokens.len()) {
             st.ignored += n as u64;
             return;
         }
@@ -289,6 +290,113 @@ mod tests {
         assert_eq!(depth(&ix, &[1, 2, 3, 4], "a"), 0);
         let s = ix.stats();
         assert_eq!((s.blocks, s.holdings, s.dormant, s.engine_hashes), (0, 0, 0, 0));
+        ix.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn worker_counters_add_up_over_batches() {
+        let mut ix = two_workers();
+        let batches = [
+            B::default().store(&[1, 2], None, &[1, 2, 3, 4], None).unknown().build(),
+            B::default().store(&[3], Some(1), &[5, 6], None).store(&[7], Some(99), &[7, 8], None).build(),
+            B::default().remove(&[3, 42], None).unknown().build(),
+            // a store that does not fit the model's block size (2)
+            B::default().store(&[8], None, &[1, 2, 3], None).block_size(3).build(),
+            B::default().store(&[9], Some(98), &[9, 9], None).remove(&[43], None).clear().build(),
+            B::default().store(&[1], None, &[1, 2], None).clear().build(),
+        ];
+        for b in &batches {
+            ix.apply("a", b, None).unwrap();
+        }
+        let c = ix.worker_stats("a").unwrap().counters;
+        assert_eq!(c.batches, 6);
+        assert_eq!((c.stored, c.removed, c.cleared), (4, 1, 2));
+        assert_eq!((c.orphaned, c.unknown_removals, c.unknown_events, c.block_size_mismatch), (2, 2, 2, 1));
+        assert_eq!(c.skipped, 2 + 2 + 1, "orphaned + unknown removals + ignored");
+        let st = ix.apply("b", &B::default().unknown().unknown().build(), None).unwrap();
+        assert_eq!((st.unknown_events, st.skipped), (2, 0));
+    }
+
+    #[test]
+    fn only_full_attention_stores_are_indexed() {
+        let mut ix = two_workers();
+        let toks = [1, 2, 3, 4];
+        let b = B::default().store(&[1, 2], None, &toks, None).str_field("kv_cache_spec_kind", "sliding_window");
+        let st = ix.apply("a", &b.build(), None).unwrap();
+        assert_eq!((st.stored, st.ignored, st.skipped), (0, 2, 2));
+        assert_eq!(depth(&ix, &toks, "a"), 0);
+        let b = B::default().store(&[1, 2], None, &toks, None).str_field("kv_cache_spec_kind", "full_attention");
+        assert_eq!(ix.apply("a", &b.build(), None).unwrap().stored, 2);
+        assert_eq!(depth(&ix, &toks, "a"), 2);
+    }
+
+    #[test]
+    fn tokenless_stores_add_a_tier_to_blocks_the_worker_named() {
+        let mut ix = two_workers();
+        let toks = [1, 2, 3, 4];
+        ix.apply("a", &B::default().store(&[1, 2], None, &toks, None).build(), None).unwrap();
+        // offload: block 2 also in CPU, twice (a tier it has stays), and a hash never named
+        for _ in 0..2 {
+            let st = ix.apply("a", &B::default().store(&[2, 9], None, &[], Some("CPU")).build(), None).unwrap();
+            assert_eq!((st.stored, st.orphaned, st.skipped), (1, 1, 1));
+        }
+        let mut tiers = Vec::new();
+        ix.match_tiers(&Query::new("m", &toks), &mut tiers);
+        // a: [gpu, cpu, storage, any]
+        assert_eq!(tiers[0].1, [2, 0, 0, 2]);
+        let slot = ix.find_block(ix.query_keys(&Query::new("m", &toks))[1]).unwrap();
+        assert_eq!(ix.pool.get(ix.blocks[slot as usize].holders, 0), Tier::Gpu.bit() | Tier::Cpu.bit());
+        ix.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn stores_that_do_not_tile_their_tokens_are_ignored() {
+        let mut ix = two_workers();
+        // 2 hashes, 5 tokens: no block size tiles them (inferred 2, explicit 2)
+        for b in [
+            B::default().store(&[1, 2], None, &[1, 2, 3, 4, 5], None),
+            B::default().store(&[1, 2], None, &[1, 2, 3, 4, 5], None).block_size(2),
+        ] {
+            let st = ix.apply("a", &b.build(), None).unwrap();
+            assert_eq!((st.stored, st.ignored, st.skipped), (0, 2, 2));
+        }
+        assert_eq!(ix.block_size("m"), None, "nothing learnt from them");
+        let st = ix.apply("a", &B::default().store(&[1, 2], None, &[1, 2, 3, 4], None).build(), None).unwrap();
+        assert_eq!((st.stored, st.ignored), (2, 0));
+        assert_eq!(ix.block_size("m"), Some(2));
+    }
+
+    #[test]
+    fn the_cache_salt_keys_only_the_first_block_of_a_prompt() {
+        use crate::wire::Value;
+        let mut ix = two_workers();
+        let toks = [1, 2, 3, 4, 5, 6];
+        let b = B::default().store(&[1, 2], None, &toks[..4], None).str_field("cache_salt", "s");
+        ix.apply("a", &b.build(), None).unwrap();
+        // the continuation carries the salt too (vLLM: every block of the request)
+        let b = B::default().store(&[3], Some(2), &toks[4..], None).str_field("cache_salt", "s");
+        ix.apply("a", &b.build(), None).unwrap();
+        let salted: Vec<Option<Vec<Value<'_>>>> = vec![Some(vec![Value::Str("s")]), None, None];
+        let q = Query { extra_keys: Some(&salted), ..Query::new("m", &toks) };
+        assert_eq!(ix.match_prefix(&q), vec![("a", 3), ("b", 0)]);
+        assert_eq!(depth(&ix, &toks, "a"), 0, "an unsalted prompt is another prefix");
+    }
+
+    #[test]
+    fn a_child_hint_is_followed_only_to_a_live_block_with_the_same_key() {
+        let mut ix = two_workers();
+        // a: t1 -> t2 (block 1's child hint names t2's block)
+        ix.apply("a", &B::default().store(&[1, 2], None, &[1, 1, 2, 2], None).build(), None).unwrap();
+        // b: t1 -> t3, another block under the same parent
+        ix.apply("b", &B::default().store(&[5, 6], None, &[1, 1, 3, 3], None).build(), None).unwrap();
+        assert_eq!(depth(&ix, &[1, 1, 2, 2], "b"), 1);
+        assert_eq!(depth(&ix, &[1, 1, 3, 3], "b"), 2);
+        assert_eq!(depth(&ix, &[1, 1, 3, 3], "a"), 1);
+        // the hinted block is freed, then t1 -> t2 is stored again by b
+        ix.apply("a", &B::default().remove(&[2], None).build(), None).unwrap();
+        ix.apply("b", &B::default().store(&[7], Some(5), &[2, 2], None).build(), None).unwrap();
+        assert_eq!(depth(&ix, &[1, 1, 2, 2], "b"), 2);
+        assert_eq!(depth(&ix, &[1, 1, 2, 2], "a"), 1);
         ix.check_invariants().unwrap();
     }
 }

@@ -78,6 +78,20 @@ impl B {
         enc::write_str(self.field("lora_name"), name).unwrap();
         self
     }
+    /// Add a string field (`kv_cache_spec_kind`, `cache_salt`, ...) to the last event.
+    pub(crate) fn str_field(mut self, name: &str, value: &str) -> Self {
+        enc::write_str(self.field(name), value).unwrap();
+        self
+    }
+    /// An event of a type no engine version sends.
+    pub(crate) fn unknown(mut self) -> Self {
+        let mut e = Vec::new();
+        enc::write_map_len(&mut e, 1).unwrap();
+        enc::write_str(&mut e, "type").unwrap();
+        enc::write_str(&mut e, "BlockTeleported").unwrap();
+        self.events.push(e);
+        self
+    }
     pub(crate) fn remove(self, hashes: &[u64], medium: Option<&str>) -> Self {
         let hs: Vec<H> = hashes.iter().map(|&h| H::U(h)).collect();
         self.remove_h(&hs, medium)
