@@ -399,4 +399,21 @@ mod tests {
         assert_eq!(depth(&ix, &[1, 1, 2, 2], "a"), 1);
         ix.check_invariants().unwrap();
     }
+
+    #[test]
+    fn an_engine_hash_used_again_for_other_content_moves_the_holding() {
+        let mut ix = two_workers();
+        ix.apply("a", &B::default().store(&[1], None, &[1, 1], None).build(), None).unwrap();
+        ix.apply("b", &B::default().store(&[1], None, &[1, 1], None).build(), None).unwrap();
+        // a's engine names other content with the same hash (a restart that
+        // kept the connection): a no longer holds the old block, b still does
+        ix.apply("a", &B::default().store(&[1], None, &[2, 2], None).build(), None).unwrap();
+        assert_eq!((depth(&ix, &[1, 1], "a"), depth(&ix, &[2, 2], "a")), (0, 1));
+        assert_eq!(depth(&ix, &[1, 1], "b"), 1);
+        // and removing the hash removes the new holding, not the old one
+        ix.apply("a", &B::default().remove(&[1], None).build(), None).unwrap();
+        assert_eq!(depth(&ix, &[2, 2], "a"), 0);
+        assert_eq!(ix.stats().holdings, 1);
+        ix.check_invariants().unwrap();
+    }
 }
