@@ -89,7 +89,9 @@
 //!   [`crate::stream::Stream`]: state, position, replay, buffer; one lock
 //!   guards both the stream decisions and the holdings they change);
 //! - `apply`: applying decoded event batches;
-//! - `query`: prefix matching;
+//! - `walk`: how a query steps through the index (its prefix keys, the
+//!   blocks they name, the workers still matching and their window);
+//! - `query`: the answers built on it (depths, per-tier depths, scores);
 //! - `stats`, `check`: sizes and invariant checks;
 //! - `snapshot`: the binary snapshot format; `files`: atomic snapshot files.
 
