@@ -44,6 +44,16 @@ fn registry_corruptions_are_caught() {
     assert_caught(|ix| ix.models[0].members[0] &= !1, "worker a is not a member of model \"m\"");
     assert_caught(|ix| ix.free_models.push(0), "1 models, 1 named and 1 free");
     assert_caught(|ix| ix.models[0].workers += 1, "model \"m\": 3 workers counted, 2 members, 2 registered");
+    // each of the model's three agreements broken alone
+    assert_caught(|ix| ix.models[0].name = "n".into(), "model \"m\": 2 workers counted, 2 members, 2 registered");
+    assert_caught(
+        |ix| {
+            ix.models[0].workers += 1;
+            ix.models[0].members[0] |= 1 << 5; // a member without a worker
+        },
+        "model \"m\": 3 workers counted, 3 members, 2 registered",
+    );
+    assert_caught(|ix| ix.models[0].workers = 0, "worker a names forgotten model 0");
     assert_caught(
         |ix| {
             ix.model_id("lonely");

@@ -239,4 +239,64 @@ mod tests {
             r => panic!("{:?}", r.map(|_| ())),
         }
     }
+
+    #[test]
+    fn file_errors_carry_the_os_error_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-dir").join("x.snap");
+        for err in [index_with(1).save_to_path(&missing).unwrap_err(), Index::load_from_path(&missing).err().unwrap()] {
+            match err {
+                IndexError::Io { errno, .. } => assert_eq!(errno, Some(2), "ENOENT"),
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_temp_file_is_written_beside_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snap");
+        let mut seen = Vec::new();
+        index_with(2)
+            .save_to_path_with(&path, |ix, out| {
+                seen = names(dir.path());
+                ix.save(out)
+            })
+            .unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].starts_with(".index.snap.") && seen[0].ends_with(".part"), "{seen:?}");
+        assert_eq!(names(dir.path()), vec!["index.snap"]);
+    }
+
+    #[test]
+    fn a_bare_file_name_is_saved_in_the_working_directory() {
+        // (cargo runs tests in the package directory: a unique name, removed after)
+        let name = format!(".kvsync-files-test-{}.snap", std::process::id());
+        let path = Path::new(&name);
+        let saved = index_with(2).save_to_path(path);
+        let loaded = Index::load_from_path(path).map(|ix| ix.stats().blocks);
+        let _ = std::fs::remove_file(path);
+        assert!(saved.unwrap() > 0);
+        assert_eq!(loaded.unwrap(), 2);
+    }
+
+    /// A file whose flush fails (a full disk noticed late).
+    struct FailingFlush;
+    impl Write for FailingFlush {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(28))
+        }
+    }
+
+    #[test]
+    fn the_first_io_error_is_kept_with_its_code() {
+        let mut w = super::KeepError { inner: FailingFlush, error: None };
+        w.write_all(b"abc").unwrap();
+        assert!(w.flush().is_err());
+        assert!(w.flush().is_err());
+        assert_eq!(w.error.as_ref().and_then(std::io::Error::raw_os_error), Some(28), "ENOSPC");
+    }
 }
