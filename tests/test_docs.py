@@ -14,7 +14,7 @@ from kvsync.cli import build_parser
 from .conftest import REPO
 
 DOCS = REPO / "docs"
-PAGES = ["protocol.md", "index.md", "streams.md", "api.md", "service.md"]
+PAGES = ["protocol.md", "index.md", "streams.md", "api.md", "service.md", "mutants.md"]
 
 
 def page(name: str) -> str:

@@ -361,6 +361,26 @@ mod tests {
     }
 
     #[test]
+    fn a_model_of_up_to_1024_workers_matches_in_the_fixed_buffers() {
+        // 2 to 16 bitset words: the walk's stack buffers, at every size
+        for n in [65usize, 200, 1024] {
+            let mut ix = Index::default();
+            let ids: Vec<String> = (0..n).map(|w| format!("w{w}")).collect();
+            for id in &ids {
+                ix.add_worker(id, "m").unwrap();
+            }
+            let toks: Vec<u32> = (0..6).collect();
+            let last = n - 1;
+            ix.apply(&ids[last], &B::default().store(&[1, 2, 3], None, &toks, None).build(), None).unwrap();
+            ix.apply(&ids[1], &B::default().store(&[1], None, &toks[..2], None).build(), None).unwrap();
+            let mut got = Vec::new();
+            ix.match_slots(&Query::new("m", &toks), &mut got);
+            assert_eq!(got.len(), n);
+            assert_eq!((got[last], got[1], got[0]), ((last as u32, 3), (1, 1), (0, 0)), "{n} workers");
+        }
+    }
+
+    #[test]
     fn the_hash_seed_changes_every_key() {
         use crate::prefix::{seq_hashes, DEFAULT_SEED};
         let mut ix = Index::with_seed(None, 42).unwrap();

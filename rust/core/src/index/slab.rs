@@ -177,6 +177,10 @@ mod tests {
             assert_eq!(ix.blocks.get(slot as usize).map(super::Block::key), Some(keys[i]));
         }
         assert!(ix.blocks.get(n).is_none());
+        // the slab's account: at least the blocks' own bytes, at most the
+        // chunks' doubling growth and the chunk list
+        let (bytes, block) = (ix.blocks.memory_bytes(), std::mem::size_of::<super::Block>());
+        assert!(bytes >= n * block && bytes <= 2 * n * block + 1024, "{bytes} bytes for {n} blocks of {block}");
         assert_eq!(depth(&ix, &tokens, "a"), n as u32);
         // Drop the block at the boundary: the match stops there.
         ix.apply("a", &B::default().remove(&[CHUNK as u64 + 1], None).build(), None).unwrap();
