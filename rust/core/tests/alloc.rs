@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use counting::{LIVE, PEAK};
+use counting::PEAK;
 #[path = "common/counting.rs"]
 mod counting;
 
@@ -20,7 +20,7 @@ use rmp::encode as enc;
 
 /// Bytes allocated at the peak of `f`, above what was live before it.
 fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = LIVE.load(Ordering::Relaxed);
+    let base = counting::live();
     PEAK.store(base, Ordering::Relaxed);
     let r = f();
     (r, PEAK.load(Ordering::Relaxed) - base)
