@@ -204,3 +204,19 @@ fn tick_asks_for_probes_of_silent_followed_workers_only() {
     assert_eq!(ix.stream("p").unwrap().state(), State::Replaying);
     assert_eq!(ix.stream("quiet").unwrap().state(), State::Live);
 }
+
+#[test]
+fn a_publisher_gone_past_dead_after_is_purged_and_counted() {
+    let mut ix = Index::default();
+    let cfg = StreamConfig { dead_after: 10.0, ..no_replay() };
+    ix.follow("a", "m", cfg).unwrap();
+    ix.stream_start("a", 0.0).unwrap();
+    ix.stream_live("a", Some(0), &batch(0), 1.0).unwrap();
+    ix.stream_disconnected("a", 2.0).unwrap();
+    assert_eq!(ix.stream("a").unwrap().state(), State::Disconnected);
+    ix.stream_tick(5.0).unwrap();
+    assert_eq!(depth(&ix, "a"), 1, "kept until dead_after");
+    ix.stream_tick(12.5).unwrap();
+    assert_eq!(depth(&ix, "a"), 0);
+    assert_eq!(ix.worker_stats("a").unwrap().counters.purges, 1);
+}

@@ -347,6 +347,21 @@ mod tests {
         assert!(matches!(Index::load(&mut bad.as_slice()), Err(IndexError::Snapshot(_))));
         assert!(Index::load(&mut &buf[..buf.len() - 3]).is_err());
     }
+
+    #[test]
+    fn a_holding_in_all_three_tiers_round_trips() {
+        let mut ix = Index::default();
+        ix.add_worker("a", "m").unwrap();
+        for medium in [None, Some("CPU"), Some("DISK")] {
+            ix.apply("a", &B::default().store(&[1], None, &[1, 2], medium).build(), None).unwrap();
+        }
+        let mut buf = Vec::new();
+        ix.save(&mut buf).unwrap();
+        let back = Index::load(&mut buf.as_slice()).unwrap();
+        let mut tiers = Vec::new();
+        back.match_tiers(&Query::new("m", &[1, 2]), &mut tiers);
+        assert_eq!(tiers, vec![(0, [1, 1, 1, 1])]);
+    }
 }
 
 /// Hand-built snapshots: what `load` must refuse, and what

@@ -429,4 +429,47 @@ mod slot_tests {
         assert_eq!(held, vec![4101]);
         ix.check_invariants().unwrap();
     }
+
+    #[test]
+    fn every_change_of_the_workers_gives_a_new_epoch() {
+        let mut ix = Index::default();
+        let mut seen = vec![ix.worker_epoch()];
+        ix.add_worker("a", "m").unwrap();
+        seen.push(ix.worker_epoch());
+        ix.remove_worker("a").unwrap();
+        seen.push(ix.worker_epoch());
+        ix.add_worker("b", "m").unwrap();
+        seen.push(ix.worker_epoch());
+        let mut unique = seen.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "epochs {seen:?}");
+    }
+
+    #[test]
+    fn a_model_relearns_its_block_size_only_when_no_worker_holds_anything() {
+        // w0 (slot 0) holds nothing; w1 or w65 (slot 65, second word) holds a block
+        let fleet = || {
+            let mut ix = Index::default();
+            for w in 0..66 {
+                ix.add_worker(&format!("w{w}"), "m").unwrap();
+            }
+            ix
+        };
+        for holder in ["w1", "w65"] {
+            let mut ix = fleet();
+            ix.apply(holder, &B::default().store(&[1], None, &[1, 2], None).build(), None).unwrap();
+            let st =
+                ix.apply("w0", &B::default().store(&[7], None, &[1, 2, 3], None).block_size(3).build(), None).unwrap();
+            assert_eq!((st.stored, st.block_size_mismatch), (0, 1), "{holder} holds a block");
+            assert_eq!(ix.block_size("m"), Some(2));
+        }
+        // nobody holds anything: the next store may set another size
+        let mut ix = fleet();
+        ix.apply("w65", &B::default().store(&[1], None, &[1, 2], None).build(), None).unwrap();
+        ix.apply("w65", &B::default().clear().build(), None).unwrap();
+        let st = ix.apply("w0", &B::default().store(&[7], None, &[1, 2, 3], None).block_size(3).build(), None).unwrap();
+        assert_eq!(st.stored, 1);
+        assert_eq!(ix.block_size("m"), Some(3));
+    }
 }
