@@ -35,7 +35,8 @@ fn the_memory_account_follows_the_heap() {
     let batches: Vec<Vec<_>> =
         payloads.iter().map(|ps| ps.iter().map(|p| decode(p, Mode::Index).unwrap()).collect()).collect();
     let start = counting::live();
-    let mut ix = Index::new(None).unwrap();
+    // capacity-bound (far above what is stored), so the LRU links are in the account too
+    let mut ix = Index::new(Some(1_000_000)).unwrap();
     // The account is exact for vectors and hashbrown tables and estimates
     // std's HashMaps (ids, model names): a few hundred bytes short here.
     let check = |ix: &Index, when: &str| {

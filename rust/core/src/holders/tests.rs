@@ -449,19 +449,17 @@ fn reshape_switches_at_its_thresholds() {
     let Set::Dense { words, count, .. } = s else { panic!("25 entries become bitmaps") };
     assert_eq!((words, count), (4, 25));
     // and back when fewer than 2 holders per word are left
-    let dense = |n: u32| {
-        let mut m = BTreeMap::new();
-        for s in (0..n - 1).chain([255]) {
-            m.insert(s, 0b101); // GPU and storage: one bit in two bitmaps
-        }
-        dense(&m, 0)
+    // holders in two tiers each, every pair of bitmaps
+    let map = |n: u32| -> BTreeMap<u32, u8> {
+        (0..n - 1).chain([255]).map(|s| (s, [0b101, 0b110, 0b011][s as usize % 3])).collect()
     };
+    let dense = |n: u32| dense(&map(n), 0);
     let mut s = dense(8);
     reshape(&mut s);
     assert!(matches!(s, Set::Dense { count: 8, .. }), "8 holders in 4 words stay bitmaps");
     let mut s = dense(7);
     reshape(&mut s);
-    assert_eq!(s, Set::Sparse(entries((0..6).chain([255]), 0b101)), "every tier of every holder");
+    assert_eq!(s, sparse(&map(7)), "every tier of every holder");
     // a list keeps its spare room up to twice its length plus 4
     let mut v = Vec::with_capacity(10);
     v.extend(entries(0..3, 2));
