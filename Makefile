@@ -107,7 +107,7 @@ wheel: ## one abi3 manylinux2014 wheel (CPython >= 3.11) into dist/ (maturin --z
 	@command -v zig >/dev/null || { mkdir -p build/zig && printf '#!/bin/sh\nexec "%s" -m ziglang "$$@"\n' \
 		"$$(command -v $(PYTHON))" > build/zig/zig && chmod +x build/zig/zig; }
 	PATH="$(CURDIR)/build/zig:$$PATH" $(MATURIN) build --release --zig --compatibility manylinux2014 \
-		-i $(PYTHON) -o dist
+		--features abi3 -i $(PYTHON) -o dist
 
 .PHONY: nightly
 nightly: ## the nightly benchmark run (quick), compared with bench/baseline_metrics.json

@@ -148,5 +148,6 @@ def test_release_builds_wheels_for_both_arches_and_an_sdist() -> None:
         if "maturin-action" in s.get("uses", "")
     )
     # abi3: one wheel per arch for every CPython >= 3.11, built with one interpreter
-    assert "abi3-py311" in (REPO / "rust" / "py" / "Cargo.toml").read_text()
-    assert "--find-interpreter" not in wheel_args and "-i python3.11" in wheel_args
+    assert 'abi3 = ["pyo3/abi3-py311"]' in (REPO / "rust" / "py" / "Cargo.toml").read_text()
+    assert "--features abi3" in wheel_args and "-i python3.11" in wheel_args
+    assert "--features abi3" in (REPO / "Makefile").read_text()
