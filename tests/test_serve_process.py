@@ -12,7 +12,9 @@ from kvsync.service.process import ServeProcess
 
 def test_a_service_that_exits_before_listening_is_reported_with_its_log(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    with pytest.raises(RuntimeError, match=r"(?s)exited with 2: .*unrecognized arguments: --no-such-flag"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)exited with 2: .*unrecognized arguments: --no-such-flag"
+    ):
         ServeProcess(log, "--no-such-flag", start_timeout=30)
     assert "--no-such-flag" in log.read_text()
 

@@ -37,7 +37,9 @@ def read(out: Path) -> dict[str, list[str]]:
     lists: dict[str, list[str]] = {}
     for kind in KINDS:
         f = out / f"{kind}.txt"
-        lists[kind] = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else []
+        lists[kind] = (
+            [ln.strip() for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else []
+        )
     return lists
 
 
@@ -72,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in lists["unviable"]:
         unviable[module(name)] += 1
     mods = sorted(set(caught) | set(missed) | set(known))
-    print(f"{'module':<10} {'caught':>7} {'missed':>7} {'equiv.':>7} {'unviable':>9} {'score':>7} {'excl. equiv.':>13}")
+    heads = ("caught", "missed", "equiv.", "unviable", "score", "excl. equiv.")
+    print(
+        f"{'module':<10} "
+        + " ".join(f"{h:>{w}}" for h, w in zip(heads, (7, 7, 7, 9, 7, 13), strict=True))
+    )
     for m in [*mods, "total"]:
         c = sum(caught.values()) if m == "total" else caught[m]
         x = sum(missed.values()) if m == "total" else missed[m]
         e = sum(known.values()) if m == "total" else known[m]
         u = sum(unviable.values()) if m == "total" else unviable[m]
-        print(f"{m:<10} {c:>7} {x + e:>7} {e:>7} {u:>9} {score(c, x + e):>6.1f}% {score(c, x):>12.1f}%")
+        pct = f"{score(c, x + e):>6.1f}% {score(c, x):>12.1f}%"
+        print(f"{m:<10} {c:>7} {x + e:>7} {e:>7} {u:>9} {pct}")
     left = [n for n in lists["missed"] if n not in equiv]
     if left:
         print(f"\n{len(left)} survivors not in the equivalent list:")
