@@ -113,21 +113,25 @@ def serve_load(s: Sizes, tmp: Path) -> Runs:
 
 def peers_metrics(data: Any) -> Runs:
     """kvsync's advantage over each peer, one value per (metric, peer), from
-    ``{"metric": {"kvsync": v, PEER: v, ...}, ...}``: peer/kvsync for a
-    cost (time, bytes), kvsync/peer for a rate (a name with ``per_s`` or
-    ``throughput``), so above 1 means kvsync is ahead and higher is better
-    for every ``vs_peers_*`` metric. The crate's own ``ratios`` are not
-    used: computed here, the direction is known."""
+    bench/peers' ``{"metric": {METRIC: {"kvsync": v, PEER: v, ...}}, ...}``:
+    peer/kvsync for a cost (time, bytes), kvsync/peer for a rate (a name
+    ending in ``_s``, such as ``ingest_msgpack_mevents_s``, or with
+    ``per_s`` or ``throughput``), so above 1 means kvsync is ahead and
+    higher is better for every ``vs_peers_*`` metric. The crate's own
+    ``ratios`` are not used: computed here, the direction is known."""
     if not isinstance(data, dict):
         raise ValueError(f"bench/peers wrote {type(data).__name__}, not a JSON object")
+    table = data.get("metric", data)
+    if not isinstance(table, dict):
+        raise ValueError("bench/peers wrote a 'metric' that is not a JSON object")
     out: Runs = {}
-    for metric, values in data.items():
+    for metric, values in table.items():
         if metric == "ratios" or not isinstance(values, dict):
             continue
         ours = values.get("kvsync")
         if not isinstance(ours, int | float) or ours <= 0:
             continue
-        rate = "per_s" in metric or "throughput" in metric
+        rate = metric.endswith("_s") or "per_s" in metric or "throughput" in metric
         for peer, theirs in values.items():
             if peer == "kvsync" or not isinstance(theirs, int | float) or theirs <= 0:
                 continue

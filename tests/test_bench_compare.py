@@ -271,6 +271,25 @@ def test_load_errors_are_format_errors(tmp_path: Path) -> None:
 
 
 def test_peers_json_becomes_kvsync_advantage_ratios() -> None:
+    # as bench/peers writes it (its --json output)
+    got = peers_metrics(
+        {
+            "config": {"workers": 256, "block_size": 16},
+            "metric": {
+                "ingest_msgpack_mevents_s": {"kvsync": 4.0, "dynamo_radix": 1.0, "smg_chain": None},
+                "match_hot_p50_us": {"kvsync": 8.0, "dynamo_radix": 16.0},
+                "bytes_per_holding_shared": {"kvsync": 40.0, "smg_radix": 30.0},
+            },
+            "ratios": {"match_hot_p50_us": {"dynamo_radix": 2.0}},
+            "agreement": {"queries": 401},
+        }
+    )
+    assert got == {
+        "vs_peers_ingest_msgpack_mevents_s_dynamo_radix": [4.0],
+        "vs_peers_match_hot_p50_us_dynamo_radix": [2.0],
+        "vs_peers_bytes_per_holding_shared_smg_radix": [0.75],
+    }
+    # a flat table (older layout) reads the same way
     got = peers_metrics(
         {
             "match_p50_us": {"kvsync": 10.0, "dynamo_radix": 30.0},
