@@ -80,6 +80,8 @@ mutants: ## mutation testing of the stream, holders and index modules (cargo-mut
 coverage: ## line coverage, HTML + summary in coverage/: Rust core (cargo-tarpaulin), Python (pytest-cov); COV_FAIL_UNDER=90 enforces a floor
 	mkdir -p coverage/rust
 	PROPTEST_CASES=64 cargo tarpaulin -p kvsync-core --skip-clean --engine ptrace \
+		--exclude-files 'bench/*' --exclude-files 'rust/py/*' --exclude-files 'rust/core/tests/*' \
+		--exclude-files 'rust/core/benches/*' \
 		--out Html --out Json --output-dir coverage/rust $(if $(COV_FAIL_UNDER),--fail-under $(COV_FAIL_UNDER))
 	$(PYTHON) -m pytest --cov --cov-report=term --cov-report=html:coverage/python \
 		--cov-report=json:coverage/python.json $(if $(COV_FAIL_UNDER),--cov-fail-under=$(COV_FAIL_UNDER))
